@@ -1,0 +1,1 @@
+"""Data layer: dataset layouts, synthetic data, transforms, P×K sampling, validation."""

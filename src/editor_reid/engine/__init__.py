@@ -1,0 +1,1 @@
+"""Engine: training loop, checkpoints, evaluation, demo."""
