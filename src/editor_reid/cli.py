@@ -63,17 +63,25 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    cfg = _load(args)
     from editor_reid.engine.info import describe
 
-    cfg = _load(args)
     print(describe(cfg, root=args.root))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.config is None:
+        if not args.resume:
+            raise ConfigError("train needs --config FILE (or --resume RUN_DIR, which reads RUN_DIR/config.yaml)")
+        saved = Path(args.resume) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume {args.resume}: no saved config at '{saved}'")
+        cfg = load_config(saved, overrides=args.overrides)
+    else:
+        cfg = _load(args)
     from editor_reid.engine.train import train, train_seeds
 
-    cfg = _load(args)
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         train_seeds(cfg, seeds)
@@ -83,9 +91,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
+    cfg = _load(args)
     from editor_reid.engine.evaluate import run_test
 
-    cfg = _load(args)
     run_test(cfg, args.weights, rerank=args.rerank, missing=args.missing, json_out=args.json)
     return 0
 
@@ -109,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train", help="train EDITOR")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
     p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1111,2222,3333: report mean ± std")
     p.set_defaults(func=_cmd_train)
@@ -153,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"editor-reid: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from editor_reid.engine.checkpoint import NonFiniteLossError
+
+        # A loss that turned NaN/inf stops the run with a clear message; the last good checkpoint stays.
+        if isinstance(exc, NonFiniteLossError):
+            print(f"editor-reid: training stopped: {exc}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -130,10 +130,12 @@ class SolverConfig:
     seed: int = 1111
     amp: str = "none"  # "none" | "fp16" | "bf16"
     checkpoint_period: int = 60
+    checkpoint_steps: int = 0  # also write checkpoints/last.pt every N steps inside an epoch (0 = epoch ends only)
     log_period: int = 10
     eval_period: int = 1
     max_steps_per_epoch: int = 0  # 0 = full epoch; >0 caps iterations (demo, smoke tests)
     deterministic: bool = False
+    tensorboard: bool = False  # also write TensorBoard scalars (needs the `tensorboard` extra)
 
 
 @dataclass

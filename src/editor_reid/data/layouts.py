@@ -1,0 +1,395 @@
+"""Dataset layouts on disk and their file-name parsing (spec §6.1).
+
+One parser per benchmark, each reading the directory tree and file names exactly as the
+official EDITOR loaders do, so a model trained here sees the same identities and cameras:
+
+========== ========================================================== ==========================
+name       tree under ``root``                                        example file name
+========== ========================================================== ==========================
+rgbnt201   ``RGBNT201/{train_171,test}/{RGB,NI,TI}/*.jpg``            ``000012_cam3_0_02.jpg``
+rgbnt100   ``RGBNT100/rgbir/{bounding_box_train,query,                ``0012_c003_000004.jpg``
+           bounding_box_test}/*.jpg`` (768×128 strips R|N|T)
+msvr310    ``MSVR310/{bounding_box_train,query3,bounding_box_test}/   ``0012_s004_v3_001.jpg``
+           <vid>/{vis,ni,th}/*.jpg``
+market1501 ``Market1501-MM/{train,query,gallery}/{RGB,NI,TI}/*.jpg``  ``0012_c3s1_000451_00.jpg``
+mm
+========== ========================================================== ==========================
+
+Where the official code depends on unordered ``glob``/``set`` iteration, we sort, so the
+sample order and the train label of every identity (rank of its original pid) are
+reproducible. Deviations that only matter for malformed data: the RGBNT100 regex is applied
+to the file name rather than the whole path (a digit-bearing parent directory cannot shadow
+it), ``-1`` junk identities are skipped for RGBNT100 as for Market1501-MM (the official code
+would assert), and only ``*.jpg`` files are read in every layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from editor_reid.config import MODALITIES
+
+__all__ = [
+    "Sample",
+    "DatasetSplits",
+    "LayoutError",
+    "Layout",
+    "LAYOUTS",
+    "KNOWN_TRAIN_STATS",
+    "STRIP_WIDTH",
+    "load_dataset",
+    "parse_file_name",
+    "scan_split",
+    "expected_paths",
+    "build_splits",
+    "get_layout",
+    "dataset_dir",
+    "split_dirs",
+    "split_statistics",
+    "format_statistics",
+]
+
+#: Width in pixels of one modality inside an RGBNT100 strip (the strip is 3 × 256 = 768 wide).
+STRIP_WIDTH = 256
+
+#: (train identities, cameras) of the real benchmarks, for summaries without the data on disk.
+KNOWN_TRAIN_STATS = {"rgbnt201": (171, 4), "rgbnt100": (50, 8), "msvr310": (155, 8), "market1501mm": (751, 6)}
+
+
+class LayoutError(ValueError):
+    """A file name or directory does not follow the dataset's layout."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One multi-modal observation of an identity.
+
+    ``paths`` maps each modality ("RGB", "NI", "TI") to its image file. For RGBNT100 all three
+    point at the same strip and ``crop`` is the width of one modality's column block: modality
+    ``i`` (in ``MODALITIES`` order) is columns ``[i*crop, (i+1)*crop)``. ``sceneid`` is only
+    known for MSVR310 (-1 elsewhere).
+    """
+
+    paths: dict[str, str]
+    pid: int
+    camid: int
+    sceneid: int = -1
+    crop: int | None = None
+
+
+@dataclass
+class DatasetSplits:
+    """The three splits of a benchmark; train pids are relabelled 0..num_train_pids-1."""
+
+    name: str
+    train: list[Sample]
+    query: list[Sample]
+    gallery: list[Sample]
+    num_train_pids: int
+    num_cameras: int  # max camid + 1 over all splits (sizes the SIE camera embedding)
+    protocol: str  # "same_camera" | "same_scene": which gallery items a query may not match
+
+
+# A parsed name: (pid, camid, sceneid), or None for a junk image the official code skips.
+ParsedName = tuple[int, int, int] | None
+
+
+def _parse_rgbnt201(name: str) -> ParsedName:
+    tokens = name.split("_")
+    pid = int(tokens[0][0:6])
+    camid = int(tokens[1][3]) - 1  # "cam3" -> 2
+    return pid, camid, -1
+
+
+_RGBNT100_PATTERN = re.compile(r"([-\d]+)_c([-\d]+)")
+
+
+def _parse_rgbnt100(name: str) -> ParsedName:
+    match = _RGBNT100_PATTERN.search(name)
+    if match is None:
+        raise ValueError(f"does not match {_RGBNT100_PATTERN.pattern!r}")
+    pid, camid = map(int, match.groups())
+    if pid == -1:
+        return None
+    return pid, camid - 1, -1
+
+
+def _parse_msvr310(name: str) -> ParsedName:
+    # Fixed character positions; the camera id is already 0-based and is not decremented.
+    return int(name[0:4]), int(name[11]), int(name[6:9])
+
+
+def _parse_market(name: str) -> ParsedName:
+    tokens = name.split("_")
+    pid = int(tokens[0])
+    if pid == -1:
+        return None
+    return pid, int(tokens[1][1]) - 1, -1  # "c3s1" -> 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a benchmark's splits live and how its file names encode identity and camera."""
+
+    name: str
+    folder: str  # dataset directory relative to the root (the first part is the "dataset folder")
+    splits: dict[str, str]  # split ("train", "query", "gallery") -> directory under ``folder``
+    modality_dirs: dict[str, str] | None  # modality -> sub-directory; None = one R|N|T strip file
+    per_identity_folders: bool  # MSVR310: <split>/<4-digit vid>/<modality>/<img>
+    protocol: str
+    max_cameras: int  # camera ids must lie in [0, max_cameras)
+    parse: Callable[[str], ParsedName]
+    example: str  # a well-formed file name, quoted in error messages
+    pattern: str  # human-readable description of the name format
+
+    @property
+    def dataset_folder(self) -> str:
+        """The top-level directory under the root (``RGBNT100`` for ``RGBNT100/rgbir``)."""
+        return self.folder.split("/")[0]
+
+
+_PAIRED = {m: m for m in MODALITIES}
+
+LAYOUTS: dict[str, Layout] = {
+    "rgbnt201": Layout(
+        name="rgbnt201",
+        folder="RGBNT201",
+        splits={"train": "train_171", "query": "test", "gallery": "test"},
+        modality_dirs=_PAIRED,
+        per_identity_folders=False,
+        protocol="same_camera",
+        max_cameras=4,
+        parse=_parse_rgbnt201,
+        example="000012_cam3_0_02.jpg",
+        pattern="<6-digit pid>_cam<1-4>_...jpg",
+    ),
+    "rgbnt100": Layout(
+        name="rgbnt100",
+        folder="RGBNT100/rgbir",
+        splits={"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"},
+        modality_dirs=None,
+        per_identity_folders=False,
+        protocol="same_camera",
+        max_cameras=8,
+        parse=_parse_rgbnt100,
+        example="0012_c003_000004.jpg",
+        pattern="<pid>_c<camera 1-8>...jpg (regex ([-\\d]+)_c([-\\d]+))",
+    ),
+    "msvr310": Layout(
+        name="msvr310",
+        folder="MSVR310",
+        splits={"train": "bounding_box_train", "query": "query3", "gallery": "bounding_box_test"},
+        modality_dirs={"RGB": "vis", "NI": "ni", "TI": "th"},
+        per_identity_folders=True,
+        protocol="same_scene",
+        max_cameras=8,
+        parse=_parse_msvr310,
+        example="0012_s004_v3_001.jpg",
+        pattern="name[0:4] = vehicle id, name[6:9] = scene id, name[11] = camera 0-7",
+    ),
+    "market1501mm": Layout(
+        name="market1501mm",
+        folder="Market1501-MM",
+        splits={"train": "train", "query": "query", "gallery": "gallery"},
+        modality_dirs=_PAIRED,
+        per_identity_folders=False,
+        protocol="same_camera",
+        max_cameras=6,
+        parse=_parse_market,
+        example="0012_c3s1_000451_00.jpg",
+        pattern="<pid or -1>_c<camera 1-6>s<seq>_...jpg",
+    ),
+}
+
+
+def get_layout(name: str) -> Layout:
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise LayoutError(f"unknown dataset '{name}'; expected one of {', '.join(LAYOUTS)}") from None
+
+
+def dataset_dir(name: str, root: str | Path) -> Path:
+    """The dataset's directory under ``root`` (``root/RGBNT100/rgbir`` for rgbnt100)."""
+    return Path(root).expanduser() / get_layout(name).folder
+
+
+def split_dirs(name: str, root: str | Path) -> dict[str, Path]:
+    """split -> directory; query and gallery are the same directory for RGBNT201."""
+    base = dataset_dir(name, root)
+    return {split: base / sub for split, sub in get_layout(name).splits.items()}
+
+
+def parse_file_name(name: str, file_name: str) -> ParsedName:
+    """Parse ``file_name`` (base name only) into ``(pid, camid, sceneid)`` as the official loader.
+
+    Returns None for junk images (pid -1) that the official loader skips. Raises LayoutError
+    naming the file and the expected format when the name cannot be parsed or yields a
+    negative camera id (which would index the camera embedding from the end).
+    """
+    layout = get_layout(name)
+    try:
+        parsed = layout.parse(file_name)
+    except (ValueError, IndexError) as exc:
+        raise LayoutError(
+            f"{name}: file name '{file_name}' does not parse ({exc}); expected {layout.pattern}, "
+            f"e.g. '{layout.example}'"
+        ) from None
+    if parsed is not None and parsed[1] < 0:
+        raise LayoutError(
+            f"{name}: file name '{file_name}' gives camera id {parsed[1]} < 0; expected {layout.pattern}, "
+            f"e.g. '{layout.example}'"
+        )
+    return parsed
+
+
+def scan_split(name: str, split_dir: Path) -> dict[str, dict[str, Path]]:
+    """Every image of one split directory, keyed by its name relative to the modality level.
+
+    Returns ``key -> {modality: path}`` with only the modalities whose file exists (keys are
+    ``<img>`` or, for MSVR310, ``<vid>/<img>``), sorted by key. RGBNT100 strips map all three
+    modalities to the one file. The parsers anchor on the RGB file (as the official code);
+    ``check_data`` uses the full picture to find unpaired files.
+    """
+    layout = get_layout(name)
+    found: dict[str, dict[str, Path]] = {}
+    if layout.modality_dirs is None:
+        for path in sorted(split_dir.glob("*.jpg")):
+            found[path.name] = {m: path for m in MODALITIES}
+        return found
+    if layout.per_identity_folders:
+        groups = [(d.name + "/", d) for d in sorted(p for p in split_dir.iterdir() if p.is_dir())]
+    else:
+        groups = [("", split_dir)]
+    for prefix, group_dir in groups:
+        for modality, sub in layout.modality_dirs.items():
+            for path in sorted((group_dir / sub).glob("*.jpg")):
+                found.setdefault(prefix + path.name, {})[modality] = path
+    return dict(sorted(found.items()))
+
+
+def expected_paths(name: str, split_dir: Path, key: str) -> dict[str, str]:
+    """The three modality paths of a ``scan_split`` key, built from the name as the official code does."""
+    layout = get_layout(name)
+    if layout.modality_dirs is None:
+        path = str(split_dir / key)
+        return {m: path for m in MODALITIES}
+    group, _, file_name = key.rpartition("/")
+    base = split_dir / group if group else split_dir
+    return {m: str(base / sub / file_name) for m, sub in layout.modality_dirs.items()}
+
+
+def _read_split(
+    layout: Layout, split_dir: Path, problems: list[str] | None
+) -> list[tuple[int, int, int, dict[str, str]]]:
+    """Parse one split; unparseable names raise, or are appended to ``problems`` when given."""
+    records = []
+    anchor = "RGB"
+    for key, present in scan_split(layout.name, split_dir).items():
+        if anchor not in present:
+            continue  # no RGB anchor: invisible to the official loader; check_data reports it
+        file_name = key.rpartition("/")[2]
+        try:
+            parsed = parse_file_name(layout.name, file_name)
+        except LayoutError as exc:
+            if problems is None:
+                raise LayoutError(f"{exc} (file {present[anchor]})") from None
+            problems.append(f"unparseable file name: {present[anchor]}: {exc}")
+            continue
+        if parsed is None:
+            continue
+        pid, camid, sceneid = parsed
+        records.append((pid, camid, sceneid, expected_paths(layout.name, split_dir, key)))
+    return records
+
+
+def _check_dirs(layout: Layout, root: Path) -> dict[str, Path]:
+    base = root / layout.folder
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"{layout.name}: dataset directory '{base}' does not exist; the root '{root}' must contain "
+            f"'{layout.folder}/' with {', '.join(sorted(set(layout.splits.values())))}"
+        )
+    dirs = {split: base / sub for split, sub in layout.splits.items()}
+    for split, path in dirs.items():
+        if not path.is_dir():
+            raise FileNotFoundError(f"{layout.name}: expected the {split} directory '{path}', which does not exist")
+    return dirs
+
+
+def build_splits(
+    name: str, root: str | Path, *, problems: list[str] | None = None, raw_pids: bool = False
+) -> DatasetSplits:
+    """Read all three splits. With ``problems`` given, unparseable names are collected instead
+    of raised. ``raw_pids`` keeps the original train pids (for identity-overlap checks)."""
+    layout = get_layout(name)
+    root = Path(root).expanduser()
+    dirs = _check_dirs(layout, root)
+    records = {split: _read_split(layout, path, problems) for split, path in dirs.items()}
+
+    train_pids = sorted({pid for pid, *_ in records["train"]})
+    relabel = {pid: label for label, pid in enumerate(train_pids)}
+
+    def samples(split: str, relabelled: bool) -> list[Sample]:
+        crop = STRIP_WIDTH if layout.modality_dirs is None else None
+        return [
+            Sample(paths=paths, pid=relabel[pid] if relabelled else pid, camid=camid, sceneid=sceneid, crop=crop)
+            for pid, camid, sceneid, paths in records[split]
+        ]
+
+    train = samples("train", relabelled=not raw_pids)
+    query, gallery = samples("query", False), samples("gallery", False)
+    camids = [s.camid for s in (*train, *query, *gallery)]
+    return DatasetSplits(
+        name=name,
+        train=train,
+        query=query,
+        gallery=gallery,
+        num_train_pids=len(train_pids),
+        num_cameras=max(camids) + 1 if camids else 0,
+        protocol=layout.protocol,
+    )
+
+
+def load_dataset(name: str, root: str | Path, *, verbose: bool = False) -> DatasetSplits:
+    """Load a benchmark from ``root`` (the directory that CONTAINS ``RGBNT201/`` etc.).
+
+    Raises FileNotFoundError naming the expected directory when a split is missing and
+    LayoutError naming the file when a name does not parse. With ``verbose`` the statistics
+    table is printed, as the official loaders do.
+    """
+    splits = build_splits(name, root)
+    if not splits.train:
+        raise LayoutError(f"{name}: no training images found under '{split_dirs(name, root)['train']}'")
+    if verbose:
+        print(format_statistics(splits))
+    return splits
+
+
+def split_statistics(splits: DatasetSplits) -> dict[str, dict[str, int]]:
+    """split -> {"ids", "images", "cameras"} (distinct pids, samples, distinct camera ids)."""
+    return {
+        split: {
+            "ids": len({s.pid for s in samples}),
+            "images": len(samples),
+            "cameras": len({s.camid for s in samples}),
+        }
+        for split, samples in (("train", splits.train), ("query", splits.query), ("gallery", splits.gallery))
+    }
+
+
+def format_statistics(splits: DatasetSplits) -> str:
+    """A table of identities, images (multi-modal samples) and cameras per split."""
+    lines = [
+        f"=> {splits.name} statistics (protocol: {splits.protocol}, num_cameras: {splits.num_cameras})",
+        "  ----------------------------------------",
+        "  subset   | # ids | # images | # cameras",
+        "  ----------------------------------------",
+    ]
+    for split, stats in split_statistics(splits).items():
+        lines.append(f"  {split:<8} | {stats['ids']:5d} | {stats['images']:8d} | {stats['cameras']:9d}")
+    lines.append("  ----------------------------------------")
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""Feature extraction and the query/gallery evaluation shared by training, ``test`` and the demo."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from editor_reid.config import MODALITIES, Config
+from editor_reid.engine.solver import autocast_context
+
+__all__ = [
+    "FeatureSet",
+    "extract_features",
+    "evaluate_features",
+    "evaluate_model",
+    "batch_images",
+    "build_eval_loaders",
+    "summarize",
+    "modality_subsets",
+    "subset_name",
+    "METRIC_KEYS",
+]
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("mAP", "rank1", "rank5", "rank10", "mINP")
+
+
+@dataclass
+class FeatureSet:
+    feats: torch.Tensor  # [N, D] float32, CPU
+    pids: np.ndarray  # [N] int64
+    camids: np.ndarray  # [N] int64
+    sceneids: np.ndarray  # [N] int64
+
+    def __iter__(self):  # allows ``feats, pids, camids, sceneids = extract_features(...)``
+        return iter((self.feats, self.pids, self.camids, self.sceneids))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def batch_images(batch: dict, device: torch.device, inputs: Sequence[str] | None = None,
+                 present: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The model's image dict for a collated batch.
+
+    ``inputs``: the modalities fed to the model (its keys; default: every modality in the
+    batch). ``present``: those of them that carry data; the others are fed as zero tensors
+    after normalisation (the TOP-ReID / DeMo convention for missing-modality evaluation), so the
+    model and its feature width stay those of the full input.
+    """
+    keys = [m for m in MODALITIES if m in batch] if inputs is None else list(inputs)
+    missing = [m for m in keys if m not in batch]
+    if missing or not keys:
+        raise KeyError(f"batch lacks modalities {missing or list(MODALITIES)}; it has {sorted(batch)}")
+    images = {}
+    for m in keys:
+        x = batch[m].to(device, non_blocking=True)
+        images[m] = x if present is None or m in present else torch.zeros_like(x)
+    return images
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, loader: Iterable[dict], device: torch.device | str, amp: str = "none",
+                     modalities: Sequence[str] | None = None, *, inputs: Sequence[str] | None = None) -> FeatureSet:
+    """Run ``model`` (in eval mode) over ``loader`` and return the retrieval features.
+
+    Features are accumulated on the device and copied to the host once at the end, so there is
+    no host synchronisation per batch; ids come from the collated batch (already on the host).
+    ``inputs`` are the modalities fed to the model (default: all in the batch) and
+    ``modalities`` those of them that carry data; the rest are zeroed (missing-modality tests).
+    The model's train/eval mode is restored afterwards.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    chunks: list[torch.Tensor] = []
+    pids: list[torch.Tensor] = []
+    camids: list[torch.Tensor] = []
+    sceneids: list[torch.Tensor] = []
+    try:
+        for batch in loader:
+            images = batch_images(batch, device, inputs, modalities)
+            cams = batch["camid"].to(device, non_blocking=True)
+            with autocast_context(device, amp):
+                feat = model(images, cams)  # [B, 3D]
+            chunks.append(feat.float())
+            pids.append(torch.as_tensor(batch["pid"]))
+            camids.append(torch.as_tensor(batch["camid"]))
+            sceneids.append(torch.as_tensor(batch.get("sceneid", torch.full_like(batch["pid"], -1))))
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise ValueError("extract_features: the loader yielded no batches")
+    on_device = torch.cat(chunks)
+    if on_device.device.type == "cuda":
+        feats = torch.empty(on_device.shape, dtype=torch.float32, pin_memory=True)
+        feats.copy_(on_device, non_blocking=True)
+        torch.cuda.current_stream(on_device.device).synchronize()
+    else:
+        feats = on_device
+    return FeatureSet(
+        feats=feats,
+        pids=torch.cat(pids).numpy().astype(np.int64),
+        camids=torch.cat(camids).numpy().astype(np.int64),
+        sceneids=torch.cat(sceneids).numpy().astype(np.int64),
+    )
+
+
+def evaluate_features(cfg: Config, query: FeatureSet, gallery: FeatureSet, protocol: str, *,
+                      rerank: bool = False) -> dict:
+    """mAP / CMC / mINP for query vs gallery features under the dataset's protocol.
+
+    Features are L2-normalised when ``cfg.test.feat_norm``; distances follow
+    ``cfg.test.distance``. With ``rerank`` the full distance matrices are built and
+    k-reciprocal re-ranking (``cfg.test.rerank_k1/k2/lambda``) is applied.
+    """
+    from editor_reid import metrics
+
+    t = cfg.test
+    ids = dict(q_pids=query.pids, g_pids=gallery.pids, q_camids=query.camids, g_camids=gallery.camids,
+               protocol=protocol, max_rank=t.max_rank)
+    if protocol == "same_scene":
+        ids.update(q_sceneids=query.sceneids, g_sceneids=gallery.sceneids)
+    if not rerank:
+        return metrics.evaluate_features(query.feats, gallery.feats, metric=t.distance, normalize=t.feat_norm, **ids)
+    if not hasattr(metrics, "re_ranking"):
+        raise RuntimeError("re-ranking is not available: editor_reid.metrics has no re_ranking")
+    q_g = metrics.pairwise_distance(query.feats, gallery.feats, metric=t.distance, normalize=t.feat_norm)
+    q_q = metrics.pairwise_distance(query.feats, query.feats, metric=t.distance, normalize=t.feat_norm)
+    g_g = metrics.pairwise_distance(gallery.feats, gallery.feats, metric=t.distance, normalize=t.feat_norm)
+    distmat = metrics.re_ranking(q_g, q_q, g_g, k1=t.rerank_k1, k2=t.rerank_k2, lambda_value=t.rerank_lambda)
+    return metrics.evaluate_rank(distmat, **ids)
+
+
+def summarize(result: dict) -> dict[str, float]:
+    """The five headline metrics as plain floats (fractions)."""
+    return {k: float(result[k]) for k in METRIC_KEYS}
+
+
+def _same_samples(a: list, b: list) -> bool:
+    return a is b or (len(a) == len(b) and all(x == y for x, y in zip(a, b)))
+
+
+def evaluate_model(cfg: Config, model: nn.Module, splits, device: torch.device | str, *,
+                   modalities: Sequence[str] | None = None, rerank: bool = False, amp: str = "none",
+                   loaders: tuple | None = None) -> dict[str, float]:
+    """Extract query and gallery features with ``model`` and return the headline metrics.
+
+    ``splits`` is a :class:`editor_reid.data.layouts.DatasetSplits`; ``loaders`` may pass
+    prebuilt ``(query_loader, gallery_loader or None)`` to skip rebuilding them (the training
+    loop evaluates every few epochs). When query and gallery are the same list (RGBNT201),
+    features are extracted once.
+    """
+    if loaders is None:
+        loaders = build_eval_loaders(cfg, splits)
+    query_loader, gallery_loader = loaders
+    model = _unwrap(model)
+    inputs = tuple(cfg.datasets.modalities)
+    query = extract_features(model, query_loader, device, amp=amp, modalities=modalities, inputs=inputs)
+    gallery = query if gallery_loader is None else extract_features(
+        model, gallery_loader, device, amp=amp, modalities=modalities, inputs=inputs)
+    result = evaluate_features(cfg, query, gallery, splits.protocol, rerank=rerank)
+    if result.get("num_skipped_queries"):
+        log.debug("%d queries had no valid gallery match and were skipped", result["num_skipped_queries"])
+    return summarize(result)
+
+
+def build_eval_loaders(cfg: Config, splits) -> tuple:
+    """(query loader, gallery loader) — the gallery loader is None when it equals the query."""
+    from editor_reid.data.loaders import build_test_loader
+
+    query_loader = build_test_loader(cfg, splits.query)
+    gallery_loader = None if _same_samples(splits.query, splits.gallery) else build_test_loader(cfg, splits.gallery)
+    return query_loader, gallery_loader
+
+
+def modality_subsets(modalities: Sequence[str] = MODALITIES) -> list[tuple[str, ...]]:
+    """The non-empty subsets in a fixed order: singles, pairs, then all (7 for three modalities)."""
+    from itertools import combinations
+
+    out: list[tuple[str, ...]] = []
+    for r in range(1, len(modalities) + 1):
+        out.extend(combinations(modalities, r))
+    return out
+
+
+def subset_name(subset: Sequence[str]) -> str:
+    return "+".join(subset)

@@ -1,0 +1,208 @@
+"""Optimiser, per-epoch warmup + cosine LR schedule, and mixed-precision helpers (spec §5).
+
+The official recipe: SGD (momentum 0.9) at base LR 1e-3 for every parameter, LR x2 for any
+parameter whose name contains "bias", weight decay 1e-4 on everything (norms, cls_token,
+pos_embed and sie_embed included, §10.16), and timm's ``CosineLRScheduler`` stepped once per
+epoch with a linear warmup measured in epochs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "build_optimizer",
+    "WarmupCosineLR",
+    "autocast_context",
+    "make_grad_scaler",
+]
+
+_AMP_CHOICES = ("none", "fp16", "bf16")
+
+
+def _named_trainable(model: nn.Module, extra_params) -> list[tuple[str, nn.Parameter]]:
+    named = list(model.named_parameters())
+    if extra_params is not None:
+        if isinstance(extra_params, nn.Module):
+            named += [(f"extra.{n}", p) for n, p in extra_params.named_parameters()]
+        else:
+            for i, item in enumerate(extra_params):
+                name, param = item if isinstance(item, tuple) else (f"extra.{i}", item)
+                named.append((name, param))
+    seen: set[int] = set()
+    out = []
+    for name, param in named:
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        out.append((name, param))
+    return out
+
+
+def build_optimizer(cfg, model: nn.Module, extra_params: Iterable | nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD (or AdamW) over the trainable parameters of ``model`` (and ``extra_params``).
+
+    ``extra_params``: a module or an iterable of parameters / ``(name, parameter)`` pairs that
+    are not part of ``model`` (e.g. a loss with learnable weights). Parameters with
+    ``requires_grad=False`` (the OCFR centres are buffers anyway) are skipped.
+
+    Parameters are grouped by (lr, weight decay): a "decay" group at ``solver.base_lr`` /
+    ``solver.weight_decay`` and a "bias" group (name contains "bias") at
+    ``base_lr * solver.bias_lr_factor`` / ``solver.weight_decay_bias``. Each group records its
+    ``lr_factor``; the scheduler scales from each group's own starting LR.
+    """
+    s = cfg.solver
+    if s.base_lr <= 0:
+        raise ValueError(f"config key 'solver.base_lr' must be > 0, got {s.base_lr}")
+    named = _named_trainable(model, extra_params)
+    if not named:
+        raise ValueError("build_optimizer: the model has no parameters with requires_grad=True")
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param in named:
+        is_bias = "bias" in name
+        factor = s.bias_lr_factor if is_bias else 1.0
+        wd = s.weight_decay_bias if is_bias else s.weight_decay
+        key = (factor, wd)
+        if key not in groups:
+            groups[key] = {
+                "params": [],
+                "lr": s.base_lr * factor,
+                "weight_decay": wd,
+                "lr_factor": factor,
+                "name": "bias" if is_bias else "decay",
+            }
+        groups[key]["params"].append(param)
+    param_groups = list(groups.values())
+    if s.optimizer_name == "SGD":
+        return torch.optim.SGD(param_groups, lr=s.base_lr, momentum=s.momentum)
+    if s.optimizer_name == "AdamW":
+        return torch.optim.AdamW(param_groups, lr=s.base_lr)
+    raise ValueError(f"config key 'solver.optimizer_name': {s.optimizer_name!r} is not one of SGD, AdamW")
+
+
+class WarmupCosineLR:
+    """Per-epoch linear warmup + cosine decay, identical to the official use of timm's
+    ``CosineLRScheduler(t_initial=T, lr_min, warmup_t, warmup_lr_init, cycle_limit=1)``.
+
+    For a group with starting LR ``base`` (its ``initial_lr``) and epoch t:
+
+    - t < warmup_t:  warmup_lr_init + t * (base - warmup_lr_init) / warmup_t
+    - warmup_t <= t < T:  lr_min + (base - lr_min) * (1 + cos(pi * t / T)) / 2
+    - t >= T:  lr_min
+
+    with T = ``solver.max_epochs``, warmup_t = ``solver.warmup_iters`` (epochs),
+    warmup_lr_init = ``base_lr * solver.warmup_factor`` and lr_min =
+    ``base_lr * solver.eta_min_factor``. As in timm, warmup_lr_init and lr_min are shared by all
+    groups (computed from ``solver.base_lr``), while each group warms up to and decays from its
+    own base (the bias group to 2 * base_lr). The cosine uses the absolute epoch (no warmup
+    prefix shift). Call ``step(epoch)`` at the start of every epoch, epoch = 1..T; construction
+    sets the LR of epoch 0.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg) -> None:
+        s = cfg.solver
+        if s.max_epochs <= 0:
+            raise ValueError(f"config key 'solver.max_epochs' must be > 0, got {s.max_epochs}")
+        if s.warmup_iters < 0:
+            raise ValueError(f"config key 'solver.warmup_iters' must be >= 0, got {s.warmup_iters}")
+        self.optimizer = optimizer
+        self.t_initial = s.max_epochs
+        self.warmup_t = s.warmup_iters
+        self.warmup_lr_init = s.base_lr * s.warmup_factor
+        self.lr_min = s.base_lr * s.eta_min_factor
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+        self.last_epoch = 0
+        self._apply(0)
+
+    def lr_at(self, epoch: int) -> list[float]:
+        """The LR of every param group at ``epoch`` (no side effects)."""
+        if epoch < 0:
+            raise ValueError(f"WarmupCosineLR: epoch must be >= 0, got {epoch}")
+        if epoch < self.warmup_t:
+            return [self.warmup_lr_init + epoch * (base - self.warmup_lr_init) / self.warmup_t for base in self.base_lrs]
+        if epoch >= self.t_initial:
+            return [self.lr_min for _ in self.base_lrs]
+        cos = 1.0 + math.cos(math.pi * epoch / self.t_initial)
+        return [self.lr_min + 0.5 * (base - self.lr_min) * cos for base in self.base_lrs]
+
+    def _apply(self, epoch: int) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.lr_at(epoch)):
+            group["lr"] = lr
+
+    def step(self, epoch: int) -> None:
+        """Set the LR for ``epoch`` (call at the start of the epoch, epoch = 1..max_epochs)."""
+        self._apply(epoch)
+        self.last_epoch = epoch
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "t_initial": self.t_initial,
+            "warmup_t": self.warmup_t,
+            "warmup_lr_init": self.warmup_lr_init,
+            "lr_min": self.lr_min,
+            "base_lrs": list(self.base_lrs),
+            "last_epoch": self.last_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"t_initial", "warmup_t", "warmup_lr_init", "lr_min", "base_lrs", "last_epoch"} - set(state)
+        if missing:
+            raise KeyError(f"WarmupCosineLR.load_state_dict: missing keys {sorted(missing)}")
+        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
+            raise ValueError(f"WarmupCosineLR.load_state_dict: the state has {len(state['base_lrs'])} param "
+                             f"groups, the optimiser {len(self.optimizer.param_groups)}")
+        self.t_initial = int(state["t_initial"])
+        self.warmup_t = int(state["warmup_t"])
+        self.warmup_lr_init = float(state["warmup_lr_init"])
+        self.lr_min = float(state["lr_min"])
+        self.base_lrs = [float(v) for v in state["base_lrs"]]
+        self.last_epoch = int(state["last_epoch"])
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["initial_lr"] = base
+        self._apply(self.last_epoch)
+
+
+def _device_kind(device_type: str | torch.device) -> str:
+    return torch.device(device_type).type
+
+
+def _check_amp(amp: str) -> None:
+    if amp not in _AMP_CHOICES:
+        raise ValueError(f"config key 'solver.amp': {amp!r} is not one of {', '.join(_AMP_CHOICES)}")
+
+
+def autocast_context(device_type: str | torch.device, amp: str):
+    """The autocast context for ``solver.amp``: "none" (fp32), "fp16" (CUDA only) or "bf16".
+
+    fp16 on CPU is refused: CPU autocast has no loss scaling and its fp16 kernels are slow;
+    use "bf16" there.
+    """
+    _check_amp(amp)
+    kind = _device_kind(device_type)
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16":
+        if kind != "cuda":
+            raise ValueError(f"config key 'solver.amp': 'fp16' needs a CUDA device, got '{kind}'; "
+                             "use solver.amp=bf16 or solver.amp=none")
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    if kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("config key 'solver.amp': 'bf16' is not supported by this GPU; use solver.amp=fp16")
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+
+
+def make_grad_scaler(device_type: str | torch.device, amp: str) -> torch.amp.GradScaler:
+    """A GradScaler, enabled only for fp16 on CUDA (bf16 and fp32 need no loss scaling)."""
+    _check_amp(amp)
+    kind = _device_kind(device_type)
+    return torch.amp.GradScaler(kind, enabled=(kind == "cuda" and amp == "fp16"))

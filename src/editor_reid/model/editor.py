@@ -1,0 +1,217 @@
+"""EDITOR assembly: shared backbone -> SFTS -> HMA -> heads (spec §1-§3).
+
+Module map (official names of spec §8.2 in brackets; :mod:`editor_reid.model.official` converts):
+
+* ``backbone``  [BACKBONE.base]: timm ViT + ``sie_embed`` + unused ``fc``;
+* ``sfts``      [SFTS, FREQ_INDEX]: token selection, no parameters;
+* ``hma``       [FUSE_block, *_REDUCE]: ``modal_blocks.{RGB,NI,TI}``, ``fusion_block``,
+  ``out_norm``, ``reduce.{RGB,NI,TI}``;
+* ``fuse_bn`` / ``fuse_head`` [FUSE_BN / FUSE_HEAD] on f_HMA;
+* ``backbone_bn`` / ``backbone_head`` [BACKBONE_BN / BACKBONE_HEAD], always built; used for the
+  per-modality backbone CLS when ``al == 0``;
+* ``al_bn`` / ``al_head`` [AL_BN / AL_HEAD], only when ``al == 1``: on the concatenated
+  backbone CLS.
+
+Switches: ``sfts=False`` keeps every patch token (M_U all True); ``hma=False`` (ablation rows
+A/B) makes the retrieval feature the concatenated backbone CLS tokens [B, 3D] with the fused
+head on it. The three modalities always go through the model: a modality missing from the input
+dict is a zero image, which is how the data layer represents an absent modality after
+normalisation; the feature keeps its [B, 3D] layout. No losses, logging or I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from editor_reid.model.backbone import ViTBackbone, build_backbone
+from editor_reid.model.hma import HMA
+from editor_reid.model.sfts import SFTS
+
+__all__ = ["EDITOR", "EditorEvalOutput", "EditorTrainOutput", "build_model", "count_parameters", "MODALITIES"]
+
+MODALITIES = ("RGB", "NI", "TI")
+
+
+@dataclass
+class EditorTrainOutput:
+    fused_logits: torch.Tensor  # [B, K]
+    fused_feat: torch.Tensor  # [B, 3D] pre-BN f_HMA
+    backbone_logits: list[torch.Tensor]  # AL=1: [ori_logits]; AL=0: [s_R, s_N, s_T]
+    backbone_feats: list[torch.Tensor]  # AL=1: [ori [B, 3D]]; AL=0: [F_R cls, F_N cls, F_T cls] [B, D]
+    backbone_tokens: dict[str, torch.Tensor]  # final-LN backbone tokens per modality [B, 1+N, D] (BCC input)
+    token_mask: torch.Tensor  # M_U [B, N] bool (all True when SFTS is off)
+    hma_cls: dict[str, torch.Tensor] | None  # HMA stage-1 CLS per modality [B, D] (OCFR input); None if HMA off
+
+
+@dataclass
+class EditorEvalOutput:
+    feature: torch.Tensor  # [B, 3D] pre-BN f_HMA
+    token_mask: torch.Tensor  # [B, N] bool
+
+
+def _bn_neck(dim: int) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(dim)  # trainable bias, unlike TransReID's BNNeck (spec §3.6)
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return bn
+
+
+def _classifier(dim: int, num_classes: int) -> nn.Linear:
+    head = nn.Linear(dim, num_classes, bias=False)
+    nn.init.normal_(head.weight, std=0.001)
+    return head
+
+
+class EDITOR(nn.Module):
+    """The EDITOR model. Build it with :func:`build_model`."""
+
+    def __init__(
+        self,
+        backbone: ViTBackbone,
+        num_classes: int,
+        *,
+        sfts: bool = True,
+        head_keep: int = 2,
+        frequency_keep: int = 10,
+        frequency_mode: str = "official",
+        hma: bool = True,
+        hma_heads: int = 0,
+        al: int = 1,
+    ) -> None:
+        super().__init__()
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if al not in (0, 1):
+            raise ValueError(f"model.al must be 0 or 1, got {al}")
+        dim = backbone.embed_dim
+        feat_dim = dim * len(MODALITIES)
+        self.modalities = MODALITIES
+        self.num_classes = num_classes
+        self.embed_dim = dim
+        self.feat_dim = feat_dim
+        self.use_sfts = sfts
+        self.use_hma = hma
+        self.al = al
+        self.backbone = backbone
+        self.sfts = SFTS(head_keep, frequency_keep, frequency_mode, patch_size=16)
+        self.hma = HMA(dim, hma_heads or backbone.num_heads, MODALITIES) if hma else None
+        self.fuse_bn = _bn_neck(feat_dim)
+        self.fuse_head = _classifier(feat_dim, num_classes)
+        self.backbone_bn = _bn_neck(dim)
+        self.backbone_head = _classifier(dim, num_classes)
+        if al == 1:
+            self.al_bn = _bn_neck(feat_dim)
+            self.al_head = _classifier(feat_dim, num_classes)
+        else:
+            self.al_bn = None
+            self.al_head = None
+        self.last_token_mask: torch.Tensor | None = None
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.backbone.grid_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.backbone.num_patches
+
+    def _stack_inputs(self, images: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        unknown = [k for k in images if k not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modality key(s) {unknown}; expected a non-empty subset of {list(MODALITIES)}")
+        present = [images[m] for m in MODALITIES if m in images]
+        if not present:
+            raise ValueError(f"no input images: pass a dict with some of {list(MODALITIES)}")
+        reference = present[0]
+        for m in MODALITIES:
+            if m in images and images[m].shape != reference.shape:
+                raise ValueError(f"modality '{m}' has shape {tuple(images[m].shape)}, expected {tuple(reference.shape)}")
+        return [images[m] if m in images else torch.zeros_like(reference) for m in MODALITIES]
+
+    def _run(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None):
+        inputs = self._stack_inputs(images)
+        batch = inputs[0].shape[0]
+        num_mod = len(MODALITIES)
+        cams = None if cam_ids is None else cam_ids.to(inputs[0].device).repeat(num_mod)
+        # One batch through the shared backbone (no BatchNorm inside: equivalent to three passes).
+        out = self.backbone(torch.cat(inputs, dim=0), cams, rollout=self.use_sfts)
+        tokens = dict(zip(MODALITIES, out.tokens.split(batch, dim=0)))
+        if self.use_sfts:
+            mask = self.sfts(list(out.rollout.split(batch, dim=0)), inputs)
+        else:
+            mask = torch.ones(batch, self.backbone.num_patches, dtype=torch.bool, device=out.tokens.device)
+        self.last_token_mask = mask.detach()
+        if self.hma is not None:
+            fused = self.hma([tokens[m] for m in MODALITIES], mask)
+            feature, hma_cls = fused.feature, fused.cls
+        else:
+            feature, hma_cls = torch.cat([tokens[m][:, 0] for m in MODALITIES], dim=-1), None
+        return feature, mask, tokens, hma_cls
+
+    def forward_features(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None = None) -> EditorEvalOutput:
+        """Retrieval feature (pre-BN f_HMA, [B, 3D]) and the selected-token mask, in any mode."""
+        feature, mask, _, _ = self._run(images, cam_ids)
+        return EditorEvalOutput(feature=feature, token_mask=mask)
+
+    def forward(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None = None):
+        """eval: [B, 3D] feature; train: :class:`EditorTrainOutput`."""
+        if not self.training:
+            return self.forward_features(images, cam_ids).feature
+        feature, mask, tokens, hma_cls = self._run(images, cam_ids)
+        cls = [tokens[m][:, 0] for m in MODALITIES]  # backbone CLS, before SFTS (untouched by it)
+        if self.al == 1:
+            ori = torch.cat(cls, dim=-1)
+            backbone_logits = [self.al_head(self.al_bn(ori))]
+            backbone_feats = [ori]
+        else:
+            backbone_logits = [self.backbone_head(self.backbone_bn(c)) for c in cls]
+            backbone_feats = cls
+        return EditorTrainOutput(
+            fused_logits=self.fuse_head(self.fuse_bn(feature)),
+            fused_feat=feature,
+            backbone_logits=backbone_logits,
+            backbone_feats=backbone_feats,
+            backbone_tokens=tokens,
+            token_mask=mask,
+            hma_cls=hma_cls,
+        )
+
+
+def build_model(cfg, num_classes: int, num_cameras: int, *, pretrained: bool = False) -> EDITOR:
+    """EDITOR from a :class:`editor_reid.config.Config`.
+
+    ``num_cameras`` sizes the SIE table (max camera id + 1). With ``pretrained=True`` and a
+    non-empty ``cfg.model.pretrain_path`` the backbone weights are loaded from that local file
+    (:func:`editor_reid.model.pretrained.load_pretrained`); otherwise nothing is read.
+    """
+    if tuple(cfg.input.size_train) != tuple(cfg.input.size_test):
+        raise ValueError(f"input.size_train {cfg.input.size_train} and input.size_test {cfg.input.size_test} must be equal")
+    m = cfg.model
+    backbone = build_backbone(m, tuple(cfg.input.size_train), num_cameras)
+    model = EDITOR(
+        backbone,
+        num_classes,
+        sfts=m.sfts,
+        head_keep=m.head_keep,
+        frequency_keep=m.frequency_keep,
+        frequency_mode=m.frequency_mode,
+        hma=m.hma,
+        hma_heads=m.hma_heads,
+        al=m.al,
+    )
+    if pretrained and m.pretrain_path and m.pretrain_choice != "none":
+        from editor_reid.model.pretrained import load_pretrained
+
+        load_pretrained(model, m.pretrain_path, m.pretrain_choice)
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Paper-style count (§7.4): trainable parameters, including the unused backbone ``fc``.
+
+    Buffers (BN running statistics) and frozen tensors such as OCFR centres are not counted.
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

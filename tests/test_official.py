@@ -1,0 +1,173 @@
+"""Official EDITOR checkpoint layout (spec §8.2): export, import, round trip, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from editor_reid.config import load_config
+from editor_reid.model import (
+    OfficialCheckpointError,
+    build_model,
+    load_official_checkpoint,
+    official_key,
+    to_official_state_dict,
+)
+
+MODS = ("RGB", "NI", "TI")
+
+
+def tiny_model(al=1, num_classes=5, num_cameras=3, seed=0, size=(64, 32)):
+    cfg = load_config(
+        None,
+        [
+            "model.embed_dim=64",
+            "model.depth=2",
+            "model.num_heads=4",
+            f"input.size_train=[{size[0]},{size[1]}]",
+            f"input.size_test=[{size[0]},{size[1]}]",
+            "model.head_keep=1",
+            "model.frequency_keep=2",
+            f"model.al={al}",
+        ],
+    )
+    torch.manual_seed(seed)
+    model = build_model(cfg, num_classes=num_classes, num_cameras=num_cameras)
+    with torch.no_grad():  # move norms/BN statistics off their constant init
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point() and ("norm" in name or "_bn" in name):
+                tensor.add_(0.1 * torch.randn_like(tensor)).abs_()
+    return model.eval()
+
+
+def official_checkpoint(model, prefix="module."):
+    centers = {m: torch.randn(model.num_classes, model.embed_dim) for m in MODS}
+    state = to_official_state_dict(model, ocfr_centers=centers)
+    return {prefix + k: v for k, v in state.items()}, centers
+
+
+def inputs(size=(64, 32)):
+    g = torch.Generator().manual_seed(7)
+    return {m: torch.randn(3, 3, *size, generator=g) for m in MODS}, torch.tensor([0, 2, 1])
+
+
+def test_exported_keys_follow_the_official_layout():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "rgbnt201.yaml")  # AL=1
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes=171, num_cameras=4)
+    state = to_official_state_dict(model)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    expected = {
+        "BACKBONE.base.cls_token": (1, 1, 768),
+        "BACKBONE.base.pos_embed": (1, 129, 768),
+        "BACKBONE.base.sie_embed": (4, 1, 768),
+        "BACKBONE.base.patch_embed.proj.weight": (768, 3, 16, 16),
+        "BACKBONE.base.blocks.11.attn.qkv.weight": (2304, 768),
+        "BACKBONE.base.blocks.11.attn.qkv.bias": (2304,),
+        "BACKBONE.base.blocks.0.mlp.fc1.weight": (3072, 768),
+        "BACKBONE.base.norm.weight": (768,),
+        "BACKBONE.base.fc.weight": (1000, 768),
+        "BACKBONE.base.fc.bias": (1000,),
+        "FREQ_INDEX.DWT.h0_col": (1, 1, 2, 1),
+        "FREQ_INDEX.IDWT.g1_row": (1, 1, 1, 2),
+        "FUSE_block.normR.weight": (768,),
+        "FUSE_block.attnN.qkv.weight": (2304, 768),
+        "FUSE_block.attnT.proj.weight": (768, 768),
+        "FUSE_block.normT_.bias": (768,),
+        "FUSE_block.mlpR.fc1.weight": (3072, 768),
+        "FUSE_block.mlpN.fc2.weight": (768, 3072),
+        "FUSE_block.norm1.weight": (768,),
+        "FUSE_block.attn1.qkv.weight": (2304, 768),
+        "FUSE_block.norm2.bias": (768,),
+        "FUSE_block.mlp.fc1.weight": (3072, 768),
+        "FUSE_block.out_norm.weight": (768,),
+        "FUSE_block.memory_cls.RGB_centers": (171, 768),
+        "FUSE_block.memory_cls.TIR_centers": (171, 768),
+        "RGB_REDUCE.weight": (768, 1536),
+        "NIR_REDUCE.bias": (768,),
+        "TIR_REDUCE.weight": (768, 1536),
+        "FUSE_HEAD.weight": (171, 2304),
+        "FUSE_BN.running_var": (2304,),
+        "FUSE_BN.num_batches_tracked": (),
+        "BACKBONE_HEAD.weight": (171, 768),
+        "BACKBONE_BN.weight": (768,),
+        "AL_HEAD.weight": (171, 2304),
+        "AL_BN.bias": (2304,),
+    }
+    for key, shape in expected.items():
+        assert shapes.get(key) == shape, key
+    # No biases in HMA; no stray names outside the official top-level modules.
+    assert "FUSE_block.attnR.qkv.bias" not in state and "FUSE_block.mlp.fc1.bias" not in state
+    tops = {k.split(".")[0] for k in state}
+    assert tops == {
+        "BACKBONE", "FREQ_INDEX", "FUSE_block", "RGB_REDUCE", "NIR_REDUCE", "TIR_REDUCE",
+        "FUSE_HEAD", "FUSE_BN", "BACKBONE_HEAD", "BACKBONE_BN", "AL_HEAD", "AL_BN",
+    }
+
+
+@pytest.mark.parametrize("al", [0, 1])
+def test_round_trip_reproduces_weights_and_features(tmp_path, al):
+    source = tiny_model(al=al, seed=0)
+    state, centers = official_checkpoint(source)
+    path = tmp_path / "EDITORbest.pth"
+    torch.save(state, path)
+    target = tiny_model(al=al, seed=123)
+    images, cams = inputs()
+    with torch.no_grad():
+        before = target(images, cams)
+    report = load_official_checkpoint(target, path)
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
+    with torch.no_grad():
+        want, got = source(images, cams), target(images, cams)
+    assert torch.equal(want, got) and not torch.allclose(before, got)
+    assert torch.equal(source.last_token_mask, target.last_token_mask)
+    assert report.missing_keys == []
+    assert any(k.startswith("FREQ_INDEX.DWT.") for k in report.ignored_keys)
+    for m in MODS:
+        assert torch.equal(report.extra["ocfr_centers"][m], centers[m])
+    assert len(report.loaded_keys) == len(source.state_dict())
+
+
+def test_state_dict_input_without_prefix_and_head_mismatches():
+    source = tiny_model(al=1)
+    state, _ = official_checkpoint(source, prefix="")
+    # AL=1 checkpoint into an AL=0 model: the AL head is reported as ignored.
+    target = tiny_model(al=0, seed=5)
+    report = load_official_checkpoint(target, state)
+    assert {"AL_HEAD.weight", "AL_BN.weight"} <= set(report.ignored_keys)
+    # AL=0 checkpoint into an AL=1 model: the AL head stays at its init and is listed as missing.
+    state0, _ = official_checkpoint(tiny_model(al=0), prefix="")
+    report = load_official_checkpoint(tiny_model(al=1, seed=9), state0)
+    assert "al_head.weight" in report.missing_keys and "al_bn.running_mean" in report.missing_keys
+
+
+def test_shape_and_key_errors_name_the_keys(tmp_path):
+    state, _ = official_checkpoint(tiny_model(num_classes=5))
+    with pytest.raises(OfficialCheckpointError, match=r"FUSE_HEAD\.weight -> fuse_head\.weight: file \(5, 192\) vs model \(9, 192\)"):
+        load_official_checkpoint(tiny_model(num_classes=9), state)
+    broken = dict(state)
+    broken["module.FUSE_block.extra.weight"] = torch.zeros(1)
+    with pytest.raises(OfficialCheckpointError, match=r"keys not in the model: FUSE_block\.extra\.weight"):
+        load_official_checkpoint(tiny_model(), broken)
+    partial = {k: v for k, v in state.items() if "attnR.qkv" not in k}
+    with pytest.raises(OfficialCheckpointError, match=r"model keys not in the file: FUSE_block\.attnR\.qkv\.weight"):
+        load_official_checkpoint(tiny_model(), partial)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_official_checkpoint(tiny_model(), tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(OfficialCheckpointError, match="junk.pth"):
+        load_official_checkpoint(tiny_model(), tmp_path / "junk.pth")
+
+
+def test_official_key_mapping():
+    assert official_key("backbone.vit.blocks.3.norm1.weight") == "BACKBONE.base.blocks.3.norm1.weight"
+    assert official_key("backbone.sie_embed") == "BACKBONE.base.sie_embed"
+    assert official_key("hma.modal_blocks.NI.norm2.bias") == "FUSE_block.normN_.bias"
+    assert official_key("hma.fusion_block.attn.proj.weight") == "FUSE_block.attn1.proj.weight"
+    assert official_key("hma.reduce.TI.weight") == "TIR_REDUCE.weight"
+    assert official_key("backbone_bn.running_mean") == "BACKBONE_BN.running_mean"
+    with pytest.raises(KeyError):
+        official_key("something.else")
