@@ -338,7 +338,7 @@ def test_evaluate_features_never_builds_the_full_matrix(monkeypatch):
         tracemalloc.stop()
     assert res["num_valid_queries"] > 0
     assert max(rows for rows, _ in shapes) == 256 and sum(r for r, _ in shapes) == nq
-    assert peak < full_bytes / 2, f"peak {peak / 2**20:.0f} MiB vs full matrix {full_bytes / 2**20:.0f} MiB"
+    assert peak < full_bytes / 2, f"peak {peak / 2**20:.0f} MiB vs {full_bytes / 2**20:.0f} MiB"
 
 
 # --- TPR@FPR --------------------------------------------------------------------------------

@@ -89,7 +89,9 @@ def test_re_ranking_matches_direct(nq, ng, k1, k2, lam):
     got = re_ranking(q_g, q_q, g_g, k1=k1, k2=k2, lambda_value=lam, chunk_size=4)
     assert got.shape == (nq, ng) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=2e-6)
-    got_t = re_ranking(torch.from_numpy(q_g), torch.from_numpy(q_q), torch.from_numpy(g_g), k1, k2, lam)
+    got_t = re_ranking(
+        torch.from_numpy(q_g), torch.from_numpy(q_q), torch.from_numpy(g_g), k1, k2, lam
+    )
     np.testing.assert_allclose(got_t, expected, atol=2e-6)
 
 

@@ -158,15 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"editor-reid: configuration error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, FileExistsError) as exc:
         print(f"editor-reid: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
+        from editor_reid.data.dataset import BadImageError
+        from editor_reid.data.layouts import LayoutError
         from editor_reid.engine.checkpoint import NonFiniteLossError
 
         # A loss that turned NaN/inf stops the run with a clear message; the last good checkpoint stays.
         if isinstance(exc, NonFiniteLossError):
             print(f"editor-reid: training stopped: {exc}", file=sys.stderr)
+            return 1
+        # Bad data names the file at fault; no traceback is needed to act on it.
+        if isinstance(exc, (BadImageError, LayoutError)):
+            print(f"editor-reid: {exc}", file=sys.stderr)
             return 1
         raise
 

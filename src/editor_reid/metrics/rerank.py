@@ -167,7 +167,8 @@ def re_ranking(
         lo, hi = q_ptr[s], q_ptr[e]
         r, k, v = qr[lo:hi] - s, qc[lo:hi], qv[lo:hi]
         cnt = col_ptr[k + 1] - col_ptr[k]
-        at = np.repeat(col_ptr[k], cnt) + (np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+        offset = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        at = np.repeat(col_ptr[k], cnt) + offset  # gallery-or-query rows sharing column k
         keep = is_gal[at]
         at = at[keep]
         rr = np.repeat(r, cnt)[keep]
