@@ -130,8 +130,6 @@ def evaluate_features(cfg: Config, query: FeatureSet, gallery: FeatureSet, proto
         ids.update(q_sceneids=query.sceneids, g_sceneids=gallery.sceneids)
     if not rerank:
         return metrics.evaluate_features(query.feats, gallery.feats, metric=t.distance, normalize=t.feat_norm, **ids)
-    if not hasattr(metrics, "re_ranking"):
-        raise RuntimeError("re-ranking is not available: editor_reid.metrics has no re_ranking")
     q_g = metrics.pairwise_distance(query.feats, gallery.feats, metric=t.distance, normalize=t.feat_norm)
     q_q = metrics.pairwise_distance(query.feats, query.feats, metric=t.distance, normalize=t.feat_norm)
     g_g = metrics.pairwise_distance(gallery.feats, gallery.feats, metric=t.distance, normalize=t.feat_norm)

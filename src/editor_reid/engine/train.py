@@ -3,7 +3,7 @@
 Run directory (``cfg.output_dir``, or the directory given to ``resume``)::
 
     config.yaml          resolved configuration (the one a resumed run reads back)
-    env.json             python / torch / timm versions, device, git commit
+    env.json             python / torch / timm versions, device, git commit (env.resume-<epoch>.json per resume)
     train.log            the log messages
     metrics.jsonl        one JSON record per logged step, epoch and evaluation
     tensorboard/         scalars, when solver.tensorboard is true
@@ -81,6 +81,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _configure_determinism(cfg: Config, device: torch.device) -> None:
+    """Deterministic kernels for solver.deterministic; train() restores the previous setting."""
     if not cfg.solver.deterministic:
         return
     if device.type == "cuda":
@@ -199,6 +200,8 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
 
     ensure_console_log()
     ctx = du.init_distributed(device)
+    if not ctx.is_main:  # one voice: the other ranks only warn
+        logging.getLogger("editor_reid").setLevel(logging.WARNING)
     resume_dir = Path(resume) if resume is not None else None
     if resume_dir is not None:
         cfg = resume_config(resume_dir, cfg)
@@ -214,6 +217,7 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
                 f"`--resume {run_dir}` or choose another directory with output_dir=..."
             )
     file_handler = None
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -268,8 +272,9 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
         )
         if ctx.is_main:
             (run_dir / "config.yaml").write_text(dump_config(cfg))
-            write_environment(run_dir / "env.json", ctx.device, world_size=ctx.world_size,
-                              resumed_from_epoch=progress.epoch if resume_dir is not None else None)
+            # A resumed run keeps the original env.json and records its own environment beside it.
+            env_name = f"env.resume-{progress.epoch}.json" if resume_dir is not None else "env.json"
+            write_environment(run_dir / env_name, ctx.device, world_size=ctx.world_size)
             log.info("run directory: %s", run_dir.resolve())
             log.info("data: %s, %d train IDs, %d cameras, %d train / %d query / %d gallery samples",
                      splits.name, num_classes, num_cameras, len(splits.train), len(splits.query), len(splits.gallery))
@@ -289,6 +294,7 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
             print(format_summary(summary))
         return summary
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         if file_handler is not None:
             logging.getLogger("editor_reid").removeHandler(file_handler)
             file_handler.close()
@@ -544,8 +550,9 @@ def _split_record(record: dict | None) -> dict | None:
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False,
-                unit="step")
+    # ``disable`` is passed only to switch the bar off, so TQDM_DISABLE=1 still works otherwise.
+    kwargs = {} if enabled else {"disable": True}
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False, unit="step", **kwargs)
 
 
 def _format_eta(seconds: float) -> str:

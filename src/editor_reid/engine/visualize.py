@@ -25,7 +25,7 @@ __all__ = [
 # A patch counts as "object" when at least half of its pixels belong to the object mask.
 OBJECT_PATCH_THRESHOLD = 0.5
 
-_DIM = 0.28  # brightness kept by unselected patches
+_DIM = 0.35  # brightness kept by unselected patches
 _OUTLINE = (255, 215, 0)  # selected-patch outline (gold)
 
 

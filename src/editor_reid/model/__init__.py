@@ -7,7 +7,14 @@ The model never imports the engine, data, logging or CLI layers.
 """
 
 from editor_reid.model.backbone import BackboneOutput, ViTBackbone, build_backbone, rollout_cls_row
-from editor_reid.model.editor import EDITOR, EditorEvalOutput, EditorTrainOutput, build_model, count_parameters
+from editor_reid.model.editor import (
+    EDITOR,
+    EditorEvalOutput,
+    EditorTrainOutput,
+    build_model,
+    count_parameters,
+    maybe_compile,
+)
 from editor_reid.model.hma import HMA, HMAOutput
 from editor_reid.model.official import (
     LoadReport,
@@ -40,6 +47,7 @@ __all__ = [
     "haar_idwt2",
     "load_official_checkpoint",
     "load_pretrained",
+    "maybe_compile",
     "official_key",
     "rollout_cls_row",
     "select_tokens",

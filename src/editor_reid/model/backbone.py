@@ -8,26 +8,48 @@ weight layouts are timm's. What EDITOR adds (spec §1):
 * the unused classifier ``fc`` (D -> 1000) that the official model builds; it is kept so the
   parameter count and official checkpoints match, and never used in ``forward``;
 * the post-softmax attention probabilities of every block, which SFTS needs and timm's fused
-  attention does not expose. They are recomputed from the block's own q/k (captured from the
-  block's ``attn.qkv`` output), under ``torch.no_grad`` and in fp32, while the block output comes
-  from timm's fused path; the maps are therefore never part of the autograd graph.
+  attention does not expose. They are fp32 and never part of the autograd graph.
 
-By default the maps are not kept: the per-head attention product ``R = A_l ··· A_1`` is
-accumulated block by block (one [B, h, L, L] fp32 buffer whatever the depth) and only the CLS
-row over the patches, ``R[:, :, 0, 1:]``, is returned. ``return_attn=True`` also returns the
-list of maps (tests, visualisation).
+How the probabilities are obtained depends on the grad mode:
+
+* with gradients (training): the blocks run timm's forward (fused attention, so no [L, L] map is
+  saved for backward); each block's ``attn.qkv`` output is captured by a forward hook
+  (detached: it shares storage with the q/k/v that attention saves for backward anyway), and
+  after the last block the maps are recomputed from it under ``no_grad``, one at a time;
+* without gradients (inference): the blocks run the same maths with the attention written out,
+  ``softmax(q kᵀ·scale)·v``, so each map is computed once, used for the block output and kept.
+
+Only the CLS row of the per-head product ``R = A_L ··· A_1`` is needed, so it is computed as the
+vector-matrix chain ``e_0ᵀ A_L A_{L-1} ··· A_1`` (O(L·N²) per head instead of O(L·N³)), which
+needs the maps in reverse order: the CLS row of ``A_L``, then every other map.
+
+Inference with ``select`` (EDITOR's evaluation path): once the rollout row is known after the
+last block's attention probabilities, ``select`` returns the kept tokens and the rest of the
+last block (queries, attention output, MLP) and the final LayerNorm run on the kept tokens only
+(CLS + selected patches; keys and values still cover every token). The other positions of the
+returned tokens are zero: nothing downstream of the selection reads them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "BackboneOutput", "ViTBackbone", "build_backbone"]
+__all__ = [
+    "ARCHITECTURES",
+    "BackboneOutput",
+    "ViTBackbone",
+    "attention_probs",
+    "attention_with_probs",
+    "build_backbone",
+    "rollout_cls_row",
+]
 
 # transformer_type -> (timm model name, extra kwargs). Every entry is a timm ViT definition;
 # embed_dim / depth / num_heads can be overridden for tiny test models.
@@ -51,6 +73,7 @@ class BackboneOutput:
     tokens: torch.Tensor  # [B, 1+N, D] after the final LayerNorm
     rollout: torch.Tensor | None  # [B, h, N] CLS row (without the CLS column) of A_L···A_1, fp32
     attn: list[torch.Tensor] | None  # per block [B, h, 1+N, 1+N] post-softmax, fp32, detached
+    keep: torch.Tensor | None = None  # [B, N] bool from ``select`` (None without it)
 
 
 def rollout_cls_row(attn: list[torch.Tensor]) -> torch.Tensor:
@@ -63,6 +86,42 @@ def rollout_cls_row(attn: list[torch.Tensor]) -> torch.Tensor:
     for a in reversed(attn[:-1]):
         row = row @ a
     return row[:, :, 0, 1:]
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ · scale) in fp32: q [B, h, Lq, d], k [B, h, L, d] -> [B, h, Lq, L].
+
+    One batched matmul (scale folded in) and one softmax: few large kernels rather than many
+    small ones (each parallel kernel has a fixed cost, large on a busy machine).
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        batch, heads, length_q, dim = q.shape
+        length = k.shape[2]
+        q = q.float().reshape(batch * heads, length_q, dim)
+        k = k.float().reshape(batch * heads, length, dim)
+        logits = q.new_empty(batch * heads, length_q, length)
+        torch.baddbmm(logits, q, k.transpose(1, 2), beta=0.0, alpha=scale, out=logits)
+        return logits.softmax(dim=-1).view(batch, heads, length_q, length)
+
+
+def attention_with_probs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention written out, fp32: q [B, h, Lq, d], k, v [B, h, L, d] -> (output [B, Lq, h, d],
+    probs [B, h, Lq, L]). ``dropout`` (the block's ``attn_drop``) acts on the output path only."""
+    probs = attention_probs(q, k, scale)
+    weights = probs if dropout is None else dropout(probs)
+    batch, heads, length_q, length = probs.shape
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        v = v.float().reshape(batch * heads, length, -1)
+        out = torch.bmm(weights.reshape(batch * heads, length_q, length), v)
+    return out.view(batch, heads, length_q, -1).transpose(1, 2), probs
+
+
+def _heads_first(x: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
+    """[B, L, parts·h·d] -> [parts, B, h, L, d], one contiguous copy."""
+    batch, length, width = x.shape
+    return x.view(batch, length, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).contiguous()
 
 
 class ViTBackbone(nn.Module):
@@ -141,7 +200,7 @@ class ViTBackbone(nn.Module):
         else:
             self.sie_embed = None
         self.fc = nn.Linear(self.embed_dim, FC_CLASSES)  # unused, see module docstring
-        # q/k capture: each block's qkv output is stashed (detached) while a forward runs.
+        # Grad path: each block's qkv output is stashed (detached) while a forward runs.
         self._qkv: list[torch.Tensor | None] = [None] * self.depth
         self._capturing = False
         for index, block in enumerate(self.vit.blocks):
@@ -151,13 +210,66 @@ class ViTBackbone(nn.Module):
         if self._capturing:
             self._qkv[index] = output.detach()
 
-    def _attention_probs(self, block: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
-        """softmax(q kᵀ · scale) of one block from its captured qkv output: [B, h, L, L] fp32."""
+    @staticmethod
+    def _finish_block(block: nn.Module, x: torch.Tensor, h: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
+        """Rest of a timm ``Block`` after attention: merge heads, proj, residuals, MLP.
+
+        x: block input rows [..., D]; h: their ``norm1`` output (for timm's optional gate);
+        heads_out: attention output [..., h, d] for the same rows.
+        """
         attn = block.attn
-        batch, length, _ = qkv.shape
-        qkv = qkv.float().reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        return torch.softmax((q * attn.scale) @ k.transpose(-2, -1), dim=-1)
+        out = attn.norm(heads_out.flatten(-2).to(x.dtype))
+        if getattr(attn, "gate", None) is not None:
+            out = out * attn.gate(h).sigmoid()
+        x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def _block_with_probs(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block with its attention written out (no-grad path): (output [B, L, D], probs [B, h, L, L])."""
+        attn = block.attn
+        h = block.norm1(x)
+        q, k, v = _heads_first(attn.qkv(h), 3, attn.num_heads).unbind(0)  # [B, h, L, d] each
+        out, probs = attention_with_probs(attn.q_norm(q), attn.k_norm(k), v, attn.scale, attn.attn_drop)
+        return self._finish_block(block, x, h, out), probs
+
+    def _last_block_selected(
+        self, block: nn.Module, x: torch.Tensor, maps: list[torch.Tensor], select
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Last block when only the selected tokens are needed (no-grad path).
+
+        Keys/values for every token and the CLS query give ``e_0ᵀ A_L``; the rollout row, then
+        ``select``, follow; queries, attention output, MLP and the final LayerNorm then run on the
+        kept rows only. Returns (tokens [B, L, D], zero at dropped positions; row [B, h, N]; keep).
+        """
+        attn = block.attn
+        batch, length, dim = x.shape
+        h = block.norm1(x)
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])  # [B, L, 2D]
+        k, v = _heads_first(kv, 2, attn.num_heads).unbind(0)  # [B, h, L, d]
+        k = attn.k_norm(k)
+
+        def queries(rows: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
+            return F.linear(rows, weight[:dim], None if bias is None else bias[:dim])
+
+        q_cls = attn.q_norm(_heads_first(queries(h[:, :1]), 1, attn.num_heads)[0])  # [B, h, 1, d]
+        row = rollout_cls_row(maps + [attention_probs(q_cls, k, attn.scale)])  # [B, h, N]
+        keep = select(row)  # [B, N] bool
+        keep_all = torch.cat([keep.new_ones(batch, 1), keep], dim=1)  # [B, L]
+        counts = keep_all.sum(dim=1)
+        padded, total = torch.stack([counts.max(), counts.sum()]).tolist()  # the one host sync
+        # Kept rows packed [T, D] for the row-wise work; attention on a per-sequence padded layout.
+        rows = torch.nonzero_static(keep_all.flatten(), size=total).squeeze(1)  # [T]
+        seq = rows // length
+        rank = keep_all.cumsum(dim=1).flatten()[rows] - 1  # position among the kept rows of its sequence
+        x_rows, h_rows = x.reshape(-1, dim)[rows], h.reshape(-1, dim)[rows]
+        q = kv.new_zeros(batch, padded, dim)
+        q[seq, rank] = queries(h_rows)
+        q = attn.q_norm(_heads_first(q, 1, attn.num_heads)[0])  # [B, h, Lq, d]
+        out, _ = attention_with_probs(q, k, v, attn.scale, attn.attn_drop)  # [B, Lq, h, d]
+        kept = self.vit.norm(self._finish_block(block, x_rows, h_rows, out[seq, rank]))
+        tokens = kept.new_zeros(batch * length, kept.shape[-1]).index_copy_(0, rows, kept)
+        return tokens.reshape(batch, length, -1), row, keep
 
     def embed(self, images: torch.Tensor, cam_ids: torch.Tensor | None) -> torch.Tensor:
         """Patchify, prepend CLS, add position and SIE terms: [B, 1+N, D]."""
@@ -173,6 +285,10 @@ class ViTBackbone(nn.Module):
     def check_cameras(self, cam_ids: torch.Tensor | None) -> None:
         if self.sie_embed is None or cam_ids is None or cam_ids.numel() == 0:
             return
+        if cam_ids.device.type != "cpu":  # a readable error would cost a host sync per batch
+            in_range = (cam_ids.min() >= 0) & (cam_ids.max() < self.num_cameras)
+            torch._assert_async(in_range, "camera id out of range for the SIE table (num_cameras = max camera id + 1)")
+            return
         low, high = int(cam_ids.min()), int(cam_ids.max())
         if low < 0 or high >= self.num_cameras:
             raise ValueError(
@@ -187,11 +303,15 @@ class ViTBackbone(nn.Module):
         *,
         rollout: bool = True,
         return_attn: bool = False,
+        select: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> BackboneOutput:
         """images [B, 3, H, W], cam_ids [B] -> :class:`BackboneOutput`.
 
-        ``rollout``: accumulate the per-head attention product and return its CLS row.
+        ``rollout``: return the CLS row of the per-head attention product.
         ``return_attn``: also return every block's attention probabilities.
+        ``select``: rollout row [B, h, N] -> kept patches [B, N] bool. Without gradients, the
+        tokens at dropped positions are then not computed (zero); with gradients every token is
+        computed as usual. The mask is returned as ``keep``.
         """
         expected = (images.shape[-2], images.shape[-1])
         if expected != self.img_size:
@@ -200,28 +320,58 @@ class ViTBackbone(nn.Module):
             )
         self.check_cameras(cam_ids)
         x = self.embed(images, cam_ids)
-        need_probs = rollout or return_attn
-        product: torch.Tensor | None = None
-        maps: list[torch.Tensor] = []
-        self._capturing = need_probs
-        try:
-            for index, block in enumerate(self.vit.blocks):
+        if not (rollout or return_attn or select is not None):
+            for block in self.vit.blocks:
                 x = block(x)
-                if not need_probs:
-                    continue
-                qkv, self._qkv[index] = self._qkv[index], None
-                with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-                    probs = self._attention_probs(block, qkv)
-                    if return_attn:
-                        maps.append(probs)
-                    if rollout:
-                        product = probs if product is None else probs @ product
+            return BackboneOutput(tokens=self.vit.norm(x), rollout=None, attn=None)
+        if torch.is_grad_enabled():
+            tokens, maps, row = self._forward_captured(x, return_attn)
+            keep = select(row) if select is not None else None
+        else:
+            tokens, maps, row, keep = self._forward_written_out(x, return_attn, select)
+        return BackboneOutput(
+            tokens=tokens, rollout=row if rollout else None, attn=maps if return_attn else None, keep=keep
+        )
+
+    def _forward_captured(self, x: torch.Tensor, return_attn: bool):
+        """Grad path: timm blocks (fused attention), maps recomputed afterwards from captured qkv."""
+        self._capturing = True
+        try:
+            for block in self.vit.blocks:
+                x = block(x)
+            tokens = self.vit.norm(x)
+            with torch.no_grad():
+                qk = []
+                for block, qkv in zip(self.vit.blocks, self._qkv):
+                    q, k = qkv.unflatten(-1, (3, block.attn.num_heads, -1))[:, :, :2].permute(2, 0, 3, 1, 4).contiguous()
+                    qk.append((block.attn.q_norm(q), block.attn.k_norm(k), block.attn.scale))
+                if return_attn:
+                    maps = [attention_probs(q, k, scale) for q, k, scale in qk]
+                    return tokens, maps, rollout_cls_row(maps)
+                # Reverse chain, one map alive at a time: e_0ᵀ A_L, then · A_{L-1}, ..., · A_1.
+                q, k, scale = qk[-1]
+                row = attention_probs(q[:, :, :1], k, scale)  # [B, h, 1, L]
+                for q, k, scale in reversed(qk[:-1]):
+                    row = row @ attention_probs(q, k, scale)
+                return tokens, None, row[:, :, 0, 1:]
         finally:
             self._capturing = False
             self._qkv = [None] * self.depth
-        tokens = self.vit.norm(x)
-        row = product[:, :, 0, 1:] if product is not None else None
-        return BackboneOutput(tokens=tokens, rollout=row, attn=maps if return_attn else None)
+
+    def _forward_written_out(self, x: torch.Tensor, return_attn: bool, select):
+        """No-grad path: attention written out, each map computed once and kept (fp32)."""
+        blocks = list(self.vit.blocks)
+        early_select = select is not None and not return_attn
+        maps: list[torch.Tensor] = []  # [B, h, L, L] each
+        for block in blocks[:-1] if early_select else blocks:
+            x, probs = self._block_with_probs(block, x)
+            maps.append(probs)
+        if early_select:
+            tokens, row, keep = self._last_block_selected(blocks[-1], x, maps, select)
+            return tokens, None, row, keep
+        row = rollout_cls_row(maps)
+        keep = select(row) if select is not None else None
+        return self.vit.norm(x), maps, row, keep
 
 
 def build_backbone(model_cfg, img_size: tuple[int, int], num_cameras: int) -> ViTBackbone:

@@ -21,6 +21,7 @@ normalisation; the feature keeps its [B, 3D] layout. No losses, logging or I/O h
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,17 @@ from editor_reid.model.backbone import ViTBackbone, build_backbone
 from editor_reid.model.hma import HMA
 from editor_reid.model.sfts import SFTS
 
-__all__ = ["EDITOR", "EditorEvalOutput", "EditorTrainOutput", "build_model", "count_parameters", "MODALITIES"]
+__all__ = [
+    "EDITOR",
+    "EditorEvalOutput",
+    "EditorTrainOutput",
+    "build_model",
+    "count_parameters",
+    "maybe_compile",
+    "MODALITIES",
+]
+
+log = logging.getLogger(__name__)
 
 MODALITIES = ("RGB", "NI", "TI")
 
@@ -131,16 +142,29 @@ class EDITOR(nn.Module):
                 raise ValueError(f"modality '{m}' has shape {tuple(images[m].shape)}, expected {tuple(reference.shape)}")
         return [images[m] if m in images else torch.zeros_like(reference) for m in MODALITIES]
 
-    def _run(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None):
+    def _run(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None, *, all_tokens: bool):
+        """Backbone -> SFTS -> HMA. ``all_tokens=False``: only the CLS and selected tokens of the
+        backbone output are needed (evaluation), so without gradients the backbone skips the rest."""
         inputs = self._stack_inputs(images)
         batch = inputs[0].shape[0]
         num_mod = len(MODALITIES)
         cams = None if cam_ids is None else cam_ids.to(inputs[0].device).repeat(num_mod)
+
+        def select(rollout: torch.Tensor) -> torch.Tensor:  # [M·B, h, N] -> M_U repeated per modality
+            return self.sfts(list(rollout.split(batch, dim=0)), inputs).repeat(num_mod, 1)
+
         # One batch through the shared backbone (no BatchNorm inside: equivalent to three passes).
-        out = self.backbone(torch.cat(inputs, dim=0), cams, rollout=self.use_sfts)
+        out = self.backbone(
+            torch.cat(inputs, dim=0),
+            cams,
+            rollout=self.use_sfts,
+            select=select if self.use_sfts and not all_tokens and self.hma is not None else None,
+        )
         tokens = dict(zip(MODALITIES, out.tokens.split(batch, dim=0)))
-        if self.use_sfts:
-            mask = self.sfts(list(out.rollout.split(batch, dim=0)), inputs)
+        if out.keep is not None:
+            mask = out.keep[:batch]
+        elif self.use_sfts:
+            mask = select(out.rollout)[:batch]
         else:
             mask = torch.ones(batch, self.backbone.num_patches, dtype=torch.bool, device=out.tokens.device)
         self.last_token_mask = mask.detach()
@@ -153,14 +177,14 @@ class EDITOR(nn.Module):
 
     def forward_features(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None = None) -> EditorEvalOutput:
         """Retrieval feature (pre-BN f_HMA, [B, 3D]) and the selected-token mask, in any mode."""
-        feature, mask, _, _ = self._run(images, cam_ids)
+        feature, mask, _, _ = self._run(images, cam_ids, all_tokens=False)
         return EditorEvalOutput(feature=feature, token_mask=mask)
 
     def forward(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None = None):
         """eval: [B, 3D] feature; train: :class:`EditorTrainOutput`."""
         if not self.training:
             return self.forward_features(images, cam_ids).feature
-        feature, mask, tokens, hma_cls = self._run(images, cam_ids)
+        feature, mask, tokens, hma_cls = self._run(images, cam_ids, all_tokens=True)
         cls = [tokens[m][:, 0] for m in MODALITIES]  # backbone CLS, before SFTS (untouched by it)
         if self.al == 1:
             ori = torch.cat(cls, dim=-1)
@@ -215,3 +239,25 @@ def count_parameters(model: nn.Module) -> int:
     Buffers (BN running statistics) and frozen tensors such as OCFR centres are not counted.
     """
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def maybe_compile(model: nn.Module, cfg) -> nn.Module:
+    """Apply ``torch.compile`` to ``model`` in place when ``cfg.model.compile`` is set; returns it.
+
+    ``nn.Module.compile`` keeps the module, its class and its state-dict keys (no ``_orig_mod.``
+    prefix), so checkpoints and ``isinstance`` checks are unaffected. Compilation happens only
+    when the model's parameters are on CUDA. On CPU the eager model is returned with a logged
+    notice: there, Inductor took over two minutes to compile even a 2-block test model and
+    recompiled for every new kept-token count of SFTS, for slower steps than eager. The token
+    selection's data-dependent shapes are graph breaks; Dynamo marks the kept-token dimension
+    dynamic after the first recompilation.
+    """
+    if not getattr(cfg.model, "compile", False):
+        return model
+    param = next(model.parameters(), None)
+    device = param.device.type if param is not None else "cpu"
+    if device != "cuda":
+        log.info("model.compile is set but the model is on %s: running eager (torch.compile is used on CUDA only)", device)
+        return model
+    model.compile()
+    return model

@@ -28,15 +28,19 @@ from torch import nn
 __all__ = ["HMA", "HMAOutput", "MaskedAttention", "MaskedBlock", "MaskedMlp", "gather_kept_tokens"]
 
 
-def gather_kept_tokens(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kept_tokens(
+    tokens: torch.Tensor, mask: torch.Tensor, length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact the kept tokens: tokens [B, 1+N, D], mask [B, N] -> ([B, Lc, D], valid [B, Lc]).
 
     CLS stays at index 0, selected patches follow in token order, padding positions are zero and
-    ``valid`` is False there. Lc = 1 + max_b |M_U(b)|.
+    ``valid`` is False there. Lc = 1 + max_b |M_U(b)|; pass it as ``length`` when known (saves a
+    host sync).
     """
     keep = torch.cat([mask.new_ones(mask.shape[0], 1), mask], dim=1)  # [B, 1+N]
     counts = keep.sum(dim=1)
-    length = int(counts.max())
+    if length is None:
+        length = int(counts.max())
     if length == keep.shape[1]:
         return tokens * keep.unsqueeze(-1).to(tokens.dtype), keep
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :length]  # kept positions first
@@ -63,14 +67,31 @@ class MaskedAttention(nn.Module):
 
         Valid queries attend to valid keys only; invalid queries give exactly zero (row mask).
         """
-        batch, length, dim = x.shape
-        q, k, v = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(self.qkv(x), valid, all_valid))
+
+    def attend(
+        self, qkv: torch.Tensor, valid: torch.Tensor, all_valid: bool = False, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention from projected q/k/v, before ``proj``.
+
+        Padded layout: qkv [B, L, 3D] -> [B, L, D], zero at invalid positions. Packed layout
+        (``rows`` = flat indices of the valid positions of [B, L], qkv [T, 3D] for those rows)
+        -> [T, D].
+        """
+        batch, length = valid.shape
+        if rows is not None:  # scatter the packed rows into the padded layout attention needs
+            qkv = qkv.new_zeros(batch * length, qkv.shape[-1]).index_copy_(0, rows, qkv).reshape(batch, length, -1)
+        q, k, v = qkv.reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if all_valid:
             out = F.scaled_dot_product_attention(q, k, v)  # [B, h, L, d]
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
-            out = out * valid[:, None, :, None].to(out.dtype)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+        out = out.transpose(1, 2).reshape(batch * length, -1)  # [B·L, D]
+        if rows is not None:
+            return out[rows]
+        if not all_valid:
+            out = out * valid.reshape(-1, 1).to(out.dtype)
+        return out.reshape(batch, length, -1)
 
 
 class MaskedMlp(nn.Module):
@@ -87,7 +108,11 @@ class MaskedMlp(nn.Module):
 
 
 class MaskedBlock(nn.Module):
-    """Pre-LN block: x += Attn(LN(x)·m, m); x += MLP(LN(x)·m). LayerNorm eps 1e-5 (PyTorch default)."""
+    """Pre-LN block: x += Attn(LN(x)·m, m); x += MLP(LN(x)·m). LayerNorm eps 1e-5 (PyTorch default).
+
+    With padding, the row-wise parts (norms, projections, MLP) run on the valid rows only, packed;
+    only attention sees the padded layout. Invalid positions of the output are exactly zero.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -96,10 +121,21 @@ class MaskedBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MaskedMlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, all_valid: bool = False) -> torch.Tensor:
-        m = valid.unsqueeze(-1).to(x.dtype)
-        x = x + self.attn(self.norm1(x) * m, valid, all_valid)
-        return x + self.mlp(self.norm2(x) * m)
+    def forward(
+        self, x: torch.Tensor, valid: torch.Tensor, all_valid: bool = False, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, L, D], valid [B, L] bool -> [B, L, D]. ``rows``: flat indices of the valid
+        positions (computed when not given); ignored when ``all_valid``."""
+        if all_valid:
+            x = x + self.attn(self.norm1(x), valid, all_valid=True)
+            return x + self.mlp(self.norm2(x))
+        if rows is None:
+            rows = valid.flatten().nonzero().squeeze(1)
+        batch, length, dim = x.shape
+        packed = x.reshape(-1, dim)[rows]  # [T, D]
+        packed = packed + self.attn.proj(self.attn.attend(self.attn.qkv(self.norm1(packed)), valid, rows=rows))
+        packed = packed + self.mlp(self.norm2(packed))
+        return packed.new_zeros(batch * length, dim).index_copy_(0, rows, packed).reshape(batch, length, dim)
 
 
 @dataclass
@@ -139,16 +175,24 @@ class HMA(nn.Module):
         if len(tokens) != len(self.modalities):
             expected = f"{len(self.modalities)} token sets ({', '.join(self.modalities)})"
             raise ValueError(f"HMA expects {expected}, got {len(tokens)}")
+        keep_counts = mask.sum(dim=1) + 1  # CLS + selected patches per sample
+        length, total = torch.stack([keep_counts.max(), keep_counts.sum()]).tolist()  # the one host sync
+        all_valid = length == mask.shape[1] + 1 and total == length * mask.shape[0]
         compact, valid = [], None
         for x in tokens:
-            c, valid = gather_kept_tokens(x, mask)
+            c, valid = gather_kept_tokens(x, mask, length)
             compact.append(c)
-        all_valid = bool(valid.all())
-        stage1 = [self.modal_blocks[m](x, valid, all_valid) for m, x in zip(self.modalities, compact)]
+        num_mod = len(self.modalities)
+        rows = joint_rows = None
+        if not all_valid:
+            rows = torch.nonzero_static(valid.flatten(), size=total).squeeze(1)  # valid positions of [B, Lc]
+            sample, slot = rows // length, rows % length
+            # The same positions in the concatenated [B, M·Lc] sequences, modality by modality.
+            joint_rows = torch.cat([sample * num_mod * length + m * length + slot for m in range(num_mod)])
+        stage1 = [self.modal_blocks[m](x, valid, all_valid, rows) for m, x in zip(self.modalities, compact)]
         cls = {m: x[:, 0] for m, x in zip(self.modalities, stage1)}
-        length = valid.shape[1]
-        joint_valid = valid.repeat(1, len(self.modalities))
-        joint = self.fusion_block(torch.cat(stage1, dim=1), joint_valid, all_valid)
+        joint_valid = valid.repeat(1, num_mod)
+        joint = self.fusion_block(torch.cat(stage1, dim=1), joint_valid, all_valid, joint_rows)
         joint = self.out_norm(joint) * joint_valid.unsqueeze(-1).to(joint.dtype)
         count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(joint.dtype)  # |M_U|
         features = []

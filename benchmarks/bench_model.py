@@ -1,0 +1,470 @@
+"""EDITOR against its bare backbone: inference time, training-step time and memory, FLOPs.
+
+One run measures, for each input size (default ViT-B/16 at 256x128 and 128x256):
+
+* inference (eval mode, ``torch.inference_mode``): the bare backbone on the three modalities
+  (one batch of 3B images, no attention probabilities) against the full EDITOR forward
+  (backbone with attention probabilities -> SFTS -> HMA -> f_HMA); time per triplet and ratio;
+* FLOPs per triplet actually performed by each (``torch.utils.flop_counter.FlopCounterMode``;
+  the CPU flash-attention kernels, which it does not know, are counted with its SDPA formula),
+  the achieved FLOP/s, and the same machine's large-matmul FLOP/s (2048x2048 matmuls of the
+  compute dtype) measured in this run, as a fraction;
+* one training step (forward, all losses, backward, optimiser step; SGD as the official recipe):
+  the bare backbone with a plain ID + triplet head (BN neck + Linear on the concatenated CLS
+  tokens; label-smoothed CE + soft-margin batch-hard triplet on the pre-BN feature) against
+  the full EDITOR with :class:`editor_reid.losses.EditorCriterion`; time and peak memory, and
+  their ratios.
+
+Peak memory of a training step = the peak during one step minus the resident memory just
+before it, in steady state (model, optimiser state and one warm-up step already done; gradients
+are freed by ``zero_grad``, so they count in the step's peak). On CUDA this is
+``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus
+``memory_allocated()``. On CPU each variant runs in a fresh subprocess with glibc's mmap
+threshold pinned at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor buffer is mmapped and
+returned to the system when freed and the resident set follows the live tensors; the process's
+high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` just before the measured
+step and read after it. Timings are taken in this process with the default allocator. Times are
+the minimum over ``--repeats`` interleaved runs (backbone and EDITOR alternate, so slow phases of
+a shared machine hit both).
+
+Examples::
+
+    python benchmarks/bench_model.py                         # ViT-B, 256x128 and 128x256, CPU fp32
+    python benchmarks/bench_model.py --tiny --repeats 2      # quick check
+    python benchmarks/bench_model.py --device cuda --amp bf16 --batch 32 --train-batch 16 --compile
+    python benchmarks/bench_model.py --sizes 128x256 --json out.json
+
+Inputs are random N(0, 1) images (already "normalised"); the models have their initial weights
+with the LayerNorm affine parameters perturbed. The number of tokens SFTS keeps (and with it
+HMA's work) depends on the weights and images, so it is reported with the FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from editor_reid.config import load_config
+from editor_reid.engine.solver import autocast_context, build_optimizer, make_grad_scaler
+from editor_reid.losses import EditorCriterion, cross_entropy_label_smooth, triplet_loss
+from editor_reid.model import build_backbone, build_model, maybe_compile
+
+MODS = ("RGB", "NI", "TI")
+NUM_CAMERAS = 4
+TINY = {"embed_dim": 64, "depth": 2, "num_heads": 4}
+
+
+# ------------------------------------------------------------------------------------ the models
+
+
+class BackboneBaseline(nn.Module):
+    """The bare shared backbone with a plain ReID head: BN neck + Linear on [CLS_R; CLS_N; CLS_T]."""
+
+    def __init__(self, cfg, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = build_backbone(cfg.model, tuple(cfg.input.size_train), NUM_CAMERAS)
+        dim = 3 * self.backbone.embed_dim
+        self.bn = nn.BatchNorm1d(dim)
+        self.head = nn.Linear(dim, num_classes, bias=False)
+        nn.init.normal_(self.head.weight, std=0.001)
+
+    def forward(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor):
+        batch = images["RGB"].shape[0]
+        tokens = self.backbone(torch.cat([images[m] for m in MODS]), cam_ids.repeat(3), rollout=False).tokens
+        feat = torch.cat(tokens[:, 0].split(batch), dim=-1)  # [B, 3D]
+        if not self.training:
+            return feat
+        return self.head(self.bn(feat)), feat
+
+
+def baseline_loss(cfg, out, targets):
+    logits, feat = out
+    eps = cfg.model.label_smooth_eps if cfg.model.if_labelsmooth else 0.0
+    margin = None if cfg.model.no_margin else cfg.solver.margin
+    return cross_entropy_label_smooth(logits, targets, eps) + triplet_loss(feat, targets, margin)
+
+
+def make_config(args, size: tuple[int, int]):
+    overrides = [f"input.size_train=[{size[0]},{size[1]}]", f"input.size_test=[{size[0]},{size[1]}]"]
+    arch = dict(TINY) if args.tiny else {}
+    for key, value in (("embed_dim", args.embed_dim), ("depth", args.depth), ("num_heads", args.heads)):
+        if value:
+            arch[key] = value
+    overrides += [f"model.{k}={v}" for k, v in arch.items()]
+    overrides.append(f"model.compile={'true' if args.compile else 'false'}")
+    return load_config(None, overrides)
+
+
+def perturb_norms(model: nn.Module, seed: int = 0) -> None:
+    """Move LayerNorm affine parameters off their constant init (spec §10.20)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm) and module.weight is not None:
+                module.weight.add_(0.1 * torch.randn(module.weight.shape, generator=g))
+                module.bias.add_(0.1 * torch.randn(module.bias.shape, generator=g))
+
+
+def build(args, variant: str, size, device):
+    cfg = make_config(args, size)
+    torch.manual_seed(0)
+    if variant == "editor":
+        model = build_model(cfg, num_classes=args.num_classes, num_cameras=NUM_CAMERAS)
+    else:
+        model = BackboneBaseline(cfg, args.num_classes)
+    perturb_norms(model)
+    model.to(device)
+    return cfg, maybe_compile(model, cfg)
+
+
+def make_inputs(batch: int, size, device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = {m: torch.randn(batch, 3, *size, generator=g).to(device) for m in MODS}
+    cams = (torch.arange(batch) % NUM_CAMERAS).to(device)
+    targets = (torch.arange(batch) // 2).to(device)  # P x K with K = 2: every anchor has a positive
+    return images, cams, targets
+
+
+# -------------------------------------------------------------------------------- measurements
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _sdpa_cpu_flops(q, k, v, *args, **kwargs) -> int:
+    return sdpa_flop_count(q, k, v)
+
+
+def _sdpa_cpu_backward_flops(grad_out, q, k, v, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash-attention ones.
+EXTRA_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
+def count_flops(fn) -> tuple[int, dict[str, int]]:
+    """Total FLOPs of ``fn()`` and per top-level submodule (name -> FLOPs)."""
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
+    with counter:
+        fn()
+    per_module = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name.count(".") == 1:
+            per_module[name.split(".", 1)[1]] = int(sum(ops.values()))
+    return int(counter.get_total_flops()), per_module
+
+
+MATMUL_N = 2048
+
+
+def matmul_fn(device, dtype, n: int = MATMUL_N, reps: int = 10):
+    """A function running ``reps`` n x n @ n x n matmuls, and the FLOPs it performs."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+
+    def run():
+        for _ in range(reps):
+            a @ b
+
+    return run, 2 * n**3 * reps
+
+
+def matmul_peak(device, dtype) -> float:
+    """Best FLOP/s of large matmuls (3 rounds after a warm-up)."""
+    run, flops = matmul_fn(device, dtype)
+    return flops / time_interleaved({"matmul": run}, 3, device)["matmul"]
+
+
+def time_interleaved(fns: dict, repeats: int, device) -> dict[str, float]:
+    """Minimum wall time of each fn over ``repeats`` rounds, the fns alternating within a round."""
+    for fn in fns.values():  # warm-up (allocator, kernels, compilation)
+        fn()
+    sync(device)
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def train_step_fn(cfg, model, criterion, optimizer, scaler, images, cams, targets, device, amp: str):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context(device, amp):
+            out = model(images, cams)
+            loss = criterion(out, targets)[0] if criterion is not None else baseline_loss(cfg, out, targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def training_setup(args, variant: str, size, device):
+    cfg, model = build(args, variant, size, device)
+    model.train()
+    criterion = EditorCriterion(cfg, args.num_classes, model.embed_dim).to(device) if variant == "editor" else None
+    optimizer = build_optimizer(cfg, model)
+    scaler = make_grad_scaler(device, args.amp)
+    images, cams, targets = make_inputs(args.train_batch, size, device, seed=1)
+    return train_step_fn(cfg, model, criterion, optimizer, scaler, images, cams, targets, device, args.amp)
+
+
+def _proc_status() -> dict[str, int]:
+    text = Path("/proc/self/status").read_text()
+    return {key: int(re.search(rf"{key}:\s+(\d+) kB", text).group(1)) * 1024 for key in ("VmRSS", "VmHWM")}
+
+
+def memory_worker(args) -> None:
+    """Subprocess body: steady-state RSS before one training step and the step's peak (CPU)."""
+    size = parse_size(args.sizes[0])
+    step = training_setup(args, args.memory_worker, size, "cpu")
+    step()  # warm-up: gradients and optimiser state exist from here on
+    before = _proc_status()["VmRSS"]
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    step()
+    peak = _proc_status()["VmHWM"]
+    print(json.dumps({"before": before, "peak": peak}))
+
+
+def peak_memory_cpu(args, variant: str, size) -> dict[str, int]:
+    command = [sys.executable, __file__, "--memory-worker", variant, "--sizes", f"{size[0]}x{size[1]}"]
+    command += ["--train-batch", str(args.train_batch), "--num-classes", str(args.num_classes), "--amp", args.amp]
+    command += ["--threads", str(torch.get_num_threads())]
+    if args.tiny:
+        command.append("--tiny")
+    for flag, value in (("--embed-dim", args.embed_dim), ("--depth", args.depth), ("--heads", args.heads)):
+        if value:
+            command += [flag, str(value)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode:
+        raise RuntimeError(f"memory worker for {variant} failed:\n{result.stderr[-3000:]}")
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"step_peak": stats["peak"] - stats["before"], "total_peak": stats["peak"]}
+
+
+def peak_memory_cuda(step) -> dict[str, int]:
+    step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"step_peak": peak - before, "total_peak": peak}
+
+
+# ------------------------------------------------------------------------------------- a size
+
+
+def bench_size(args, size, device, dtype) -> dict:
+    result: dict = {"size": list(size)}
+    _, editor = build(args, "editor", size, device)
+    editor.eval()
+    backbone = editor.backbone
+    images, cams, _ = make_inputs(args.batch, size, device)
+    stacked, cams3 = torch.cat([images[m] for m in MODS]), cams.repeat(3)
+    amp = args.amp
+
+    def run_backbone():
+        with autocast_context(device, amp):
+            return backbone(stacked, cams3, rollout=False).tokens
+
+    def run_editor():
+        with autocast_context(device, amp):
+            return editor(images, cams)
+
+    with torch.inference_mode():
+        flops_backbone, _ = count_flops(run_backbone)
+        flops_editor, parts = count_flops(run_editor)
+        kept = editor.last_token_mask.sum(dim=1).float()
+        # The matmul reference runs between the models' runs, so it sees the same machine state.
+        run_matmul, matmul_flops = matmul_fn(device, dtype)
+        fns = {"backbone": run_backbone, "matmul": run_matmul, "editor": run_editor}
+        times = time_interleaved(fns, args.repeats, device)
+    peak_flops = matmul_flops / times.pop("matmul")
+    b = args.batch
+    result["inference"] = {
+        "batch_triplets": b,
+        "time_per_triplet_s": {k: v / b for k, v in times.items()},
+        "ratio": times["editor"] / times["backbone"],
+        "gflops_per_triplet": {"backbone": flops_backbone / b / 1e9, "editor": flops_editor / b / 1e9},
+        "editor_gflops_by_module": {k: v / b / 1e9 for k, v in parts.items()},
+        "achieved_gflops": {"backbone": flops_backbone / times["backbone"] / 1e9, "editor": flops_editor / times["editor"] / 1e9},
+        "fraction_of_matmul_peak": {
+            "backbone": flops_backbone / times["backbone"] / peak_flops,
+            "editor": flops_editor / times["editor"] / peak_flops,
+        },
+        "matmul_peak_gflops": peak_flops / 1e9,
+        "kept_patches_mean": float(kept.mean()),
+        "kept_patches_max": int(kept.max()),
+        "num_patches": editor.num_patches,
+    }
+    del editor, backbone
+    if args.skip_train:
+        return result
+    steps = {v: training_setup(args, v, size, device) for v in ("backbone", "editor")}
+    train_times = time_interleaved(steps, args.repeats, device)
+    if torch.device(device).type == "cuda":
+        memory = {v: peak_memory_cuda(step) for v, step in steps.items()}
+    else:
+        del steps
+        memory = {v: peak_memory_cpu(args, v, size) for v in ("backbone", "editor")}
+    result["train"] = {
+        "batch_triplets": args.train_batch,
+        "step_time_s": train_times,
+        "time_ratio": train_times["editor"] / train_times["backbone"],
+        "step_peak_bytes": {v: m["step_peak"] for v, m in memory.items()},
+        "total_peak_bytes": {v: m["total_peak"] for v, m in memory.items()},
+        "memory_ratio": memory["editor"]["step_peak"] / memory["backbone"]["step_peak"],
+        "total_memory_ratio": memory["editor"]["total_peak"] / memory["backbone"]["total_peak"],
+    }
+    return result
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+def machine_info(device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_model": "",
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        match = re.search(r"Model name:\s*(.+)", lscpu)
+        info["cpu_model"] = match.group(1).strip() if match else ""
+    except OSError:
+        pass
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def render(report: dict) -> str:
+    m, cfg = report["machine"], report["config"]
+    lines = [
+        f"machine: {m['cpu_model'] or m['processor']} (processor '{m['processor']}', {m['cpu_count']} CPUs), "
+        f"torch {m['torch']}, {m['torch_threads']} threads, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
+        f"model: {cfg['arch']}; amp {cfg['amp']}; compile {cfg['compile']}; "
+        f"large-matmul reference: {cfg['matmul']} (best of the run's rounds; at the start of the run "
+        f"{report['matmul_peak_gflops']:.1f} GFLOP/s)",
+    ]
+    row = "{:<44}{:>12}{:>12}{:>10}"
+    for res in report["results"]:
+        inf = res["inference"]
+        h, w = res["size"]
+        lines += ["", f"input {h}x{w} ({inf['num_patches']} patches; SFTS kept {inf['kept_patches_mean']:.1f} "
+                  f"patches per sample on average, max {inf['kept_patches_max']})",
+                  row.format("", "backbone", "EDITOR", "ratio")]
+        t, f, a, frac = inf["time_per_triplet_s"], inf["gflops_per_triplet"], inf["achieved_gflops"], inf["fraction_of_matmul_peak"]
+        lines.append(row.format(f"inference s/triplet (batch {inf['batch_triplets']})", f"{t['backbone']:.3f}",
+                                f"{t['editor']:.3f}", f"{inf['ratio']:.3f}"))
+        lines.append(row.format("inference GFLOPs/triplet", f"{f['backbone']:.2f}", f"{f['editor']:.2f}",
+                                f"{f['editor'] / f['backbone']:.3f}"))
+        lines.append(row.format("achieved GFLOP/s", f"{a['backbone']:.1f}", f"{a['editor']:.1f}", ""))
+        lines.append(row.format("large-matmul GFLOP/s (same rounds)", f"{inf['matmul_peak_gflops']:.1f}", "", ""))
+        lines.append(row.format("fraction of large-matmul FLOP/s", f"{frac['backbone']:.1%}", f"{frac['editor']:.1%}", ""))
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in inf["editor_gflops_by_module"].items())
+        lines.append(f"  EDITOR GFLOPs/triplet by module: {parts}")
+        if "train" in res:
+            tr = res["train"]
+            st, sp = tr["step_time_s"], tr["step_peak_bytes"]
+            tp = tr["total_peak_bytes"]
+            lines.append(row.format(f"train step s (batch {tr['batch_triplets']} triplets)", f"{st['backbone']:.3f}",
+                                    f"{st['editor']:.3f}", f"{tr['time_ratio']:.3f}"))
+            lines.append(row.format("train step peak memory MiB (over steady)", f"{sp['backbone'] / 2**20:.0f}",
+                                    f"{sp['editor'] / 2**20:.0f}", f"{tr['memory_ratio']:.3f}"))
+            lines.append(row.format("train process peak memory MiB (total)", f"{tp['backbone'] / 2**20:.0f}",
+                                    f"{tp['editor'] / 2**20:.0f}", f"{tr['total_memory_ratio']:.3f}"))
+    return "\n".join(lines)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"size '{text}' is not HxW (e.g. 256x128)")
+    return int(match.group(1)), int(match.group(2))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["256x128", "128x256"], help="input sizes HxW")
+    parser.add_argument("--tiny", action="store_true", help=f"tiny ViT {TINY} instead of ViT-B/16")
+    parser.add_argument("--embed-dim", type=int, default=0)
+    parser.add_argument("--depth", type=int, default=0)
+    parser.add_argument("--heads", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8, help="triplets per inference forward")
+    parser.add_argument("--train-batch", type=int, default=4, help="triplets per training step (2 per ID)")
+    parser.add_argument("--num-classes", type=int, default=171)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true", help="model.compile=true (maybe_compile)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args)
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    if args.train_batch % 2:
+        parser.error("--train-batch must be even (two samples per identity for the triplet loss)")
+    sizes = [parse_size(s) for s in args.sizes]
+    dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    peak = matmul_peak(args.device, dtype)
+    cfg = make_config(args, sizes[0])
+    m = cfg.model
+    arch = f"{m.transformer_type}" + (f" (embed_dim {m.embed_dim}, depth {m.depth}, heads {m.num_heads})" if m.embed_dim else "")
+    report = {
+        "machine": machine_info(args.device),
+        "config": {"arch": arch, "amp": args.amp, "compile": args.compile, "batch": args.batch,
+                   "train_batch": args.train_batch, "repeats": args.repeats, "matmul": f"{MATMUL_N}x{MATMUL_N} {str(dtype).replace('torch.', '')}"},
+        "matmul_peak_gflops": peak / 1e9,
+        "results": [],
+    }
+    for size in sizes:
+        report["results"].append(bench_size(args, size, args.device, dtype))
+        print(f"[{size[0]}x{size[1]} done]", file=sys.stderr, flush=True)
+    report["matmul_peak_gflops_end"] = matmul_peak(args.device, dtype) / 1e9
+    print(render(report))
+    print(f"(large-matmul peak at the end of the run: {report['matmul_peak_gflops_end']:.1f} GFLOP/s)")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
