@@ -120,7 +120,8 @@ def main(argv=None) -> int:
             cfg = load_config(None, overrides + [f"dataloader.num_workers={workers}"])
             loader = build_test_loader(cfg, samples)
             count, loader_s = time_loader(loader)
-            batches = list(build_test_loader(load_config(None, overrides), samples)) if not results else batches
+            if not results:  # the same batches for every worker count, decoded once
+                batches = list(build_test_loader(load_config(None, overrides + ["dataloader.num_workers=0"]), samples))
             _, model_s = time_model(model, batches, device, args.amp)
             _, extract_s = time_extract(model, loader, device, args.amp)
             results[workers] = {

@@ -28,6 +28,16 @@ class Stop(Exception):
     """Simulates a kill."""
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Exact equality across runs is asserted; multi-threaded CPU kernels on a loaded machine
+    can differ in the last bits between runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")

@@ -124,15 +124,25 @@ def run_demo(out: str | Path, seed: int = 1111, json_out: str | Path | None = No
     Returns ``{"untrained": metrics, "trained": metrics, "run_dir": str, "token_selection":
     {...}, "epochs", "seed"}`` with metrics as fractions; ``json_out`` writes the same dict.
     """
+    ensure_console_log()
+    threads = torch.get_num_threads()
+    # One thread: multi-threaded CPU kernels gave run-to-run differences in the last digits
+    # on a loaded machine, which training amplifies; a single thread is exactly repeatable.
+    torch.set_num_threads(1)
+    try:
+        return _run_demo(Path(out), seed, json_out, epochs, ids, views, overrides, quiet)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, seed: int, json_out, epochs, ids: int, views: int, overrides, quiet: bool) -> dict:
     from editor_reid.data.layouts import load_dataset
     from editor_reid.data.synthetic import make_synthetic
     from editor_reid.engine.evaluate import load_weights
     from editor_reid.engine.train import seed_everything, train
     from editor_reid.model import build_model
 
-    ensure_console_log()
     started = time.perf_counter()
-    out = Path(out)
     cfg = demo_config(out, seed, epochs, overrides)
     run_dir = Path(cfg.output_dir)
     _clear_previous_run(run_dir)
@@ -173,7 +183,7 @@ def run_demo(out: str | Path, seed: int = 1111, json_out: str | Path | None = No
         print(f"demo: synthetic RGBNT201 layout, {len(splits.train)} train / {len(splits.query)} test samples, "
               f"{splits.num_train_pids} train IDs; tiny EDITOR "
               f"(ViT dim {cfg.model.embed_dim}, depth {cfg.model.depth}, {cfg.input.size_train[0]}x"
-              f"{cfg.input.size_train[1]}) trained {result['epochs']} epochs on CPU, seed {seed}")
+              f"{cfg.input.size_train[1]}) trained {result['epochs']} epochs on CPU (1 thread), seed {seed}")
         print(f"{'':<10}" + "".join(f"{name:>8}" for name in ("mAP", "R-1", "R-5", "R-10", "mINP")))
         print(_row("untrained", untrained))
         print(_row("trained", trained))

@@ -23,7 +23,6 @@ __all__ = [
     "shutdown_distributed",
     "barrier",
     "broadcast_object",
-    "all_reduce_mean",
     "make_all_reduce_sum",
     "make_all_gather",
 ]
@@ -105,15 +104,6 @@ def broadcast_object(ctx: DistContext, obj):
     return box[0]
 
 
-def all_reduce_mean(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over ranks (a copy; the input is left alone)."""
-    if not ctx.distributed:
-        return tensor
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / ctx.world_size
-
-
 def make_all_reduce_sum(ctx: DistContext):
     """An in-place SUM all-reduce callable (the OCFR centre-statistics hook); None when single-process."""
     if not ctx.distributed:
@@ -126,20 +116,36 @@ def make_all_reduce_sum(ctx: DistContext):
     return all_reduce_sum
 
 
+class _AllGather(torch.autograd.Function):
+    """Concatenate equal-sized tensors over ranks; the gradient of the local slice is the sum
+    over ranks of the gradients flowing into it (every rank's loss may use every row)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rank, ctx.rows = rank, tensor.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
+
+
 def make_all_gather(ctx: DistContext):
     """A callable concatenating a tensor over ranks along dim 0 (the global triplet-mining hook).
 
-    Differentiable for tensors that require grad, so the gathered rows of other ranks receive
-    gradients; labels (no grad) use the plain collective. None when single-process.
+    Differentiable, so the gathered rows of other ranks receive gradients; every rank must pass
+    the same number of rows (the P×K sampler guarantees it). None when single-process.
     """
     if not ctx.distributed:
         return None
 
     def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
         if tensor.requires_grad:
-            from torch.distributed.nn.functional import all_gather
-
-            return torch.cat(all_gather(tensor), dim=0)
+            return _AllGather.apply(tensor, ctx.rank, ctx.world_size)
         parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=0)

@@ -236,8 +236,10 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
         hooks = {"gather": du.make_all_gather(ctx), "all_reduce": du.make_all_reduce_sum(ctx)} if ctx.distributed else {}
         criterion = EditorCriterion(cfg, num_classes, model.embed_dim, **hooks).to(ctx.device)
         if ctx.distributed:
-            if cfg.model.sync_bn:
+            if cfg.model.sync_bn and ctx.device.type == "cuda":
                 model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif cfg.model.sync_bn:
+                log.warning("model.sync_bn is ignored on CPU: SyncBatchNorm needs CUDA")
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 find_unused_parameters=True,
