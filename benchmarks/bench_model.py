@@ -16,8 +16,9 @@ One run measures, for each input size (default ViT-B/16 at 256x128 and 128x256):
   their ratios.
 
 Peak memory of a training step = the peak during one step minus the resident memory just
-before it, in steady state (model, optimiser state and one warm-up step already done; gradients
-are freed by ``zero_grad``, so they count in the step's peak). On CUDA this is
+before it, in steady state: model and optimiser state exist (one warm-up step done) and the
+gradients have been freed by ``zero_grad(set_to_none=True)``, as at the start of every step, so
+activations, gradients and optimiser temporaries all count in the step's peak. On CUDA this is
 ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus
 ``memory_allocated()``. On CPU each variant runs in a fresh subprocess with glibc's mmap
 threshold pinned at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor buffer is mmapped and
@@ -34,9 +35,13 @@ Examples::
     python benchmarks/bench_model.py --device cuda --amp bf16 --batch 32 --train-batch 16 --compile
     python benchmarks/bench_model.py --sizes 128x256 --json out.json
 
-Inputs are random N(0, 1) images (already "normalised"); the models have their initial weights
-with the LayerNorm affine parameters perturbed. The number of tokens SFTS keeps (and with it
-HMA's work) depends on the weights and images, so it is reported with the FLOPs.
+Inputs (``--inputs``) are by default images of a synthetic dataset (``make_synthetic``: the
+RGBNT201 person layout for portrait sizes, RGBNT100 vehicles for landscape ones) through the real
+test transform, or N(0, 1) noise. The models have their initial weights with the LayerNorm affine
+parameters perturbed. The number of patches SFTS keeps (and with it HMA's work and the work the
+last backbone block skips) depends on weights and images, so it is reported with the FLOPs:
+per triplet at ViT-B, each kept patch adds about 85 MFLOP in HMA (6 token-blocks) and each
+dropped one saves about 37 MFLOP in the last backbone block (3 modalities).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,9 +134,37 @@ def build(args, variant: str, size, device):
     return cfg, maybe_compile(model, cfg)
 
 
-def make_inputs(batch: int, size, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    images = {m: torch.randn(batch, 3, *size, generator=g).to(device) for m in MODS}
+_SYNTHETIC: dict[str, tempfile.TemporaryDirectory] = {}  # removed when the process exits
+
+
+def synthetic_batch(batch: int, size, offset: int) -> dict[str, torch.Tensor]:
+    """``batch`` gallery triplets of a synthetic dataset through the real test transform.
+
+    Person layout (RGBNT201) for portrait sizes, vehicle layout (RGBNT100) for landscape ones;
+    the transform resizes to ``size`` and normalises as in evaluation.
+    """
+    from editor_reid.data.layouts import load_dataset
+    from editor_reid.data.loaders import build_test_loader
+    from editor_reid.data.synthetic import make_synthetic
+
+    layout = "rgbnt201" if size[0] >= size[1] else "rgbnt100"
+    if layout not in _SYNTHETIC:
+        _SYNTHETIC[layout] = tempfile.TemporaryDirectory(prefix="bench_model_")
+        make_synthetic(layout, _SYNTHETIC[layout].name, ids=20, views=4, seed=0)
+    splits = load_dataset(layout, _SYNTHETIC[layout].name)
+    samples = [splits.gallery[(offset + i) % len(splits.gallery)] for i in range(batch)]
+    cfg = load_config(None, [f"input.size_test=[{size[0]},{size[1]}]", f"input.size_train=[{size[0]},{size[1]}]",
+                             f"test.ims_per_batch={batch}", "dataloader.num_workers=0"])
+    return next(iter(build_test_loader(cfg, samples)))
+
+
+def make_inputs(batch: int, size, device, seed: int = 0, source: str = "synthetic"):
+    """Images per modality [B, 3, H, W] (normalised), camera ids, labels (2 per identity)."""
+    if source == "synthetic":
+        images = {m: t.to(device) for m, t in synthetic_batch(batch, size, offset=seed * batch).items() if m in MODS}
+    else:
+        g = torch.Generator().manual_seed(seed)
+        images = {m: torch.randn(batch, 3, *size, generator=g).to(device) for m in MODS}
     cams = (torch.arange(batch) % NUM_CAMERAS).to(device)
     targets = (torch.arange(batch) // 2).to(device)  # P x K with K = 2: every anchor has a positive
     return images, cams, targets
@@ -227,8 +261,8 @@ def training_setup(args, variant: str, size, device):
     criterion = EditorCriterion(cfg, args.num_classes, model.embed_dim).to(device) if variant == "editor" else None
     optimizer = build_optimizer(cfg, model)
     scaler = make_grad_scaler(device, args.amp)
-    images, cams, targets = make_inputs(args.train_batch, size, device, seed=1)
-    return train_step_fn(cfg, model, criterion, optimizer, scaler, images, cams, targets, device, args.amp)
+    images, cams, targets = make_inputs(args.train_batch, size, device, seed=1, source=args.inputs)
+    return train_step_fn(cfg, model, criterion, optimizer, scaler, images, cams, targets, device, args.amp), optimizer
 
 
 def _proc_status() -> dict[str, int]:
@@ -239,8 +273,9 @@ def _proc_status() -> dict[str, int]:
 def memory_worker(args) -> None:
     """Subprocess body: steady-state RSS before one training step and the step's peak (CPU)."""
     size = parse_size(args.sizes[0])
-    step = training_setup(args, args.memory_worker, size, "cpu")
-    step()  # warm-up: gradients and optimiser state exist from here on
+    step, optimizer = training_setup(args, args.memory_worker, size, "cpu")
+    step()  # warm-up: the optimiser state exists from here on
+    optimizer.zero_grad(set_to_none=True)  # as the step itself starts: gradients count in its peak
     before = _proc_status()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     step()
@@ -251,6 +286,7 @@ def memory_worker(args) -> None:
 def peak_memory_cpu(args, variant: str, size) -> dict[str, int]:
     command = [sys.executable, __file__, "--memory-worker", variant, "--sizes", f"{size[0]}x{size[1]}"]
     command += ["--train-batch", str(args.train_batch), "--num-classes", str(args.num_classes), "--amp", args.amp]
+    command += ["--inputs", args.inputs]
     command += ["--threads", str(torch.get_num_threads())]
     if args.tiny:
         command.append("--tiny")
@@ -265,8 +301,9 @@ def peak_memory_cpu(args, variant: str, size) -> dict[str, int]:
     return {"step_peak": stats["peak"] - stats["before"], "total_peak": stats["peak"]}
 
 
-def peak_memory_cuda(step) -> dict[str, int]:
+def peak_memory_cuda(step, optimizer) -> dict[str, int]:
     step()
+    optimizer.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -284,7 +321,7 @@ def bench_size(args, size, device, dtype) -> dict:
     _, editor = build(args, "editor", size, device)
     editor.eval()
     backbone = editor.backbone
-    images, cams, _ = make_inputs(args.batch, size, device)
+    images, cams, _ = make_inputs(args.batch, size, device, source=args.inputs)
     stacked, cams3 = torch.cat([images[m] for m in MODS]), cams.repeat(3)
     amp = args.amp
 
@@ -325,12 +362,12 @@ def bench_size(args, size, device, dtype) -> dict:
     del editor, backbone
     if args.skip_train:
         return result
-    steps = {v: training_setup(args, v, size, device) for v in ("backbone", "editor")}
-    train_times = time_interleaved(steps, args.repeats, device)
+    setups = {v: training_setup(args, v, size, device) for v in ("backbone", "editor")}
+    train_times = time_interleaved({v: step for v, (step, _) in setups.items()}, args.repeats, device)
     if torch.device(device).type == "cuda":
-        memory = {v: peak_memory_cuda(step) for v, step in steps.items()}
+        memory = {v: peak_memory_cuda(*setup) for v, setup in setups.items()}
     else:
-        del steps
+        del setups
         memory = {v: peak_memory_cpu(args, v, size) for v in ("backbone", "editor")}
     result["train"] = {
         "batch_triplets": args.train_batch,
@@ -373,7 +410,7 @@ def render(report: dict) -> str:
     lines = [
         f"machine: {m['cpu_model'] or m['processor']} (processor '{m['processor']}', {m['cpu_count']} CPUs), "
         f"torch {m['torch']}, {m['torch_threads']} threads, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
-        f"model: {cfg['arch']}; amp {cfg['amp']}; compile {cfg['compile']}; "
+        f"model: {cfg['arch']}; inputs {cfg['inputs']}; amp {cfg['amp']}; compile {cfg['compile']}; "
         f"large-matmul reference: {cfg['matmul']} (best of the run's rounds; at the start of the run "
         f"{report['matmul_peak_gflops']:.1f} GFLOP/s)",
     ]
@@ -427,6 +464,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="model.compile=true (maybe_compile)")
+    parser.add_argument("--inputs", default="synthetic", choices=["synthetic", "random"],
+                        help="synthetic dataset images through the test transform, or N(0, 1) noise")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--skip-train", action="store_true")
@@ -451,7 +490,7 @@ def main(argv=None) -> int:
     report = {
         "machine": machine_info(args.device),
         "config": {"arch": arch, "amp": args.amp, "compile": args.compile, "batch": args.batch,
-                   "train_batch": args.train_batch, "repeats": args.repeats, "matmul": f"{MATMUL_N}x{MATMUL_N} {str(dtype).replace('torch.', '')}"},
+                   "train_batch": args.train_batch, "repeats": args.repeats, "inputs": args.inputs, "matmul": f"{MATMUL_N}x{MATMUL_N} {str(dtype).replace('torch.', '')}"},
         "matmul_peak_gflops": peak / 1e9,
         "results": [],
     }

@@ -200,15 +200,19 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
 
     ensure_console_log()
     ctx = du.init_distributed(device)
+    pkg_log = logging.getLogger("editor_reid")
+    pkg_level = pkg_log.level
     if not ctx.is_main:  # one voice: the other ranks only warn
-        logging.getLogger("editor_reid").setLevel(logging.WARNING)
+        pkg_log.setLevel(logging.WARNING)
     resume_dir = Path(resume) if resume is not None else None
     if resume_dir is not None:
         cfg = resume_config(resume_dir, cfg)
         run_dir = resume_dir
         state_path = run_dir / "checkpoints" / "last.pt"
         if not state_path.is_file():
-            raise FileNotFoundError(f"cannot resume: {state_path} does not exist")
+            shared = "" if ctx.is_main else (f" (seen from rank {ctx.rank}: with several machines the run directory "
+                                             "must be on a filesystem they all see)")
+            raise FileNotFoundError(f"cannot resume: {state_path} does not exist{shared}")
     else:
         run_dir = Path(cfg.output_dir)
         if (run_dir / "checkpoints" / "last.pt").exists():
@@ -223,6 +227,7 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         file_handler = attach_file_log(run_dir / "train.log")
     try:
+        _check_world_size(cfg, ctx)
         _configure_determinism(cfg, ctx.device)
         seed_everything(cfg.solver.seed)
 
@@ -233,17 +238,8 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
         eval_loaders = build_eval_loaders(cfg, splits) if ctx.is_main else None
 
         model = build_model(cfg, num_classes, num_cameras, pretrained=resume_dir is None).to(ctx.device)
-        hooks = {"gather": du.make_all_gather(ctx), "all_reduce": du.make_all_reduce_sum(ctx)} if ctx.distributed else {}
-        criterion = EditorCriterion(cfg, num_classes, model.embed_dim, **hooks).to(ctx.device)
-        if ctx.distributed:
-            if cfg.model.sync_bn and ctx.device.type == "cuda":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            elif cfg.model.sync_bn:
-                log.warning("model.sync_bn is ignored on CPU: SyncBatchNorm needs CUDA")
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
+        criterion = EditorCriterion(cfg, num_classes, model.embed_dim, **du.criterion_hooks(ctx)).to(ctx.device)
+        model = du.wrap_model(ctx, model, sync_bn=cfg.model.sync_bn)
         optimizer = build_optimizer(cfg, _unwrap(model))
         scheduler = WarmupCosineLR(optimizer, cfg)
         scaler = make_grad_scaler(ctx.device, cfg.solver.amp)
@@ -272,6 +268,7 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
             run_dir / "metrics.jsonl", enabled=ctx.is_main, truncate_to=metrics_offset,
             tensorboard_dir=(run_dir / "tensorboard") if getattr(cfg.solver, "tensorboard", False) else None,
         )
+        du.barrier(ctx)  # every rank has read config.yaml and last.pt before rank 0 rewrites the run files
         if ctx.is_main:
             (run_dir / "config.yaml").write_text(dump_config(cfg))
             # A resumed run keeps the original env.json and records its own environment beside it.
@@ -297,10 +294,27 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
         return summary
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+        pkg_log.setLevel(pkg_level)
         if file_handler is not None:
             logging.getLogger("editor_reid").removeHandler(file_handler)
             file_handler.close()
         du.shutdown_distributed(ctx)
+
+
+def _check_world_size(cfg: Config, ctx: du.DistContext) -> None:
+    """solver.ims_per_batch is the global batch: each rank must get an equal share of it."""
+    if not ctx.distributed:
+        return
+    batch, k, world = cfg.solver.ims_per_batch, cfg.dataloader.num_instance, ctx.world_size
+    if batch % world:
+        raise ConfigError(f"solver.ims_per_batch={batch} is the global batch and must be divisible by the number "
+                          f"of processes ({world})")
+    if (batch // world) % k:
+        scopes = [key for key in ("triplet_scope", "ocfr_scope") if getattr(cfg.model, key) == "local"]
+        log.warning("each of the %d ranks gets %d images of every P×K batch, which splits identities of "
+                    "dataloader.num_instance=%d images across ranks%s", world, batch // world, k,
+                    f"; with {' and '.join(f'model.{key}=local' for key in scopes)} a rank sees only part of "
+                    "those identities" if scopes else "")
 
 
 def _epoch_seeded(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
@@ -449,6 +463,7 @@ class _Loop:
                                     eta=_format_eta(self._eta(epoch, step, steps, started)), refresh=False)
                 bar.update(1)
                 if checkpoint_steps > 0 and step % checkpoint_steps == 0 and step < steps:
+                    self.synchronise_ranks()
                     p.step = step
                     p.epoch_sums = {k: float(v) for k, v in sums.items()}
                     p.epoch_time = time.perf_counter() - started
@@ -457,6 +472,7 @@ class _Loop:
                     self.on_step(epoch, step)
         finally:
             bar.close()
+        self.synchronise_ranks()
         elapsed = time.perf_counter() - started
         self.epoch_times.append(elapsed)
         means = {k: float(v) / steps for k, v in sums.items()}
@@ -466,6 +482,21 @@ class _Loop:
             terms_text = "  ".join(f"{k} {v:.4f}" for k, v in means.items() if k != "total")
             log.info("epoch %d/%d: loss %.4f (%s), lr %.2e, %.1fs", epoch, cfg.solver.max_epochs,
                      means.get("total", float("nan")), terms_text, lr, elapsed)
+
+    def synchronise_ranks(self) -> None:
+        """Give every rank rank 0's buffers and check that the ranks hold the same state.
+
+        Called before each ``last.pt`` is written (by rank 0 alone), so the checkpoint holds the
+        state of every rank and a resumed run starts where each rank left off. Parameters and
+        optimiser state are identical by construction (DDP); BatchNorm statistics without
+        model.sync_bn and OCFR centres with model.ocfr_scope=local are not, until copied here.
+        """
+        if not self.ctx.distributed:
+            return
+        model = _unwrap(self.model)
+        du.sync_from_main(self.ctx, model, self.criterion)
+        du.assert_same_across_ranks(self.ctx, model.named_parameters(), "parameter")
+        du.assert_same_across_ranks(self.ctx, self.criterion.named_buffers(), "OCFR centre buffer")
 
     def train_step(self, batch: dict, epoch: int, step: int) -> dict[str, torch.Tensor]:
         from editor_reid.engine.solver import autocast_context
@@ -477,7 +508,7 @@ class _Loop:
         with autocast_context(device, self.cfg.solver.amp):
             out = self.model(images, cams)
             total, terms = self.criterion(out, targets)
-        terms = {**terms, "total": total}
+        terms = self._global_terms({**terms, "total": total})
         self._check_finite(terms, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
@@ -485,17 +516,22 @@ class _Loop:
         self.scaler.update()
         return terms
 
+    def _global_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss values of the global batch: the mean over ranks of their shards' values
+        (shards are equal, and each term is a mean over its shard), detached, for logging.
+        Every rank gets the same values, so a NaN on any rank stops them all at the same step."""
+        if not self.ctx.distributed:
+            return terms
+        names = list(terms)
+        values = du.all_reduce_mean(self.ctx, torch.stack([terms[k].detach().float() for k in names]))
+        return dict(zip(names, values.unbind()))
+
     def _check_finite(self, terms: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-        """Stop on a NaN/inf loss before it reaches the weights (one host sync per step)."""
+        """Stop on a NaN/inf loss before it reaches the weights (one host sync per step).
+
+        Under DDP ``terms`` are the global values (:meth:`_global_terms`), the same on every
+        rank, so all ranks stop together instead of the others waiting forever in backward."""
         try:
-            if self.ctx.distributed:
-                # Every rank must stop together, or the others would wait forever in backward.
-                bad = torch.stack([~torch.isfinite(v.detach()).all() for v in terms.values()]).any().float()
-                torch.distributed.all_reduce(bad)
-                if bad.item() == 0:
-                    return
-                nonfinite_check(terms, epoch, step)
-                raise NonFiniteLossError({"(on another rank)": float("nan")}, epoch, step)
             nonfinite_check(terms, epoch, step)
         except NonFiniteLossError:
             log.error("non-finite loss at epoch %d, step %d; stopping. The last good state is %s", epoch, step,
@@ -598,13 +634,18 @@ def train_seeds(cfg: Config, seeds: list[int], **kwargs) -> dict:
         raise ConfigError(f"train --seeds: seeds repeat: {seeds}")
     root = Path(cfg.output_dir)
     runs = {}
-    for seed in seeds:
-        run_cfg = copy.deepcopy(cfg)
-        run_cfg.solver.seed = seed
-        run_cfg.output_dir = str(root / f"seed_{seed}")
-        resume = run_cfg.output_dir if (Path(run_cfg.output_dir) / "checkpoints" / "last.pt").exists() else None
-        log.info("seed %d: %s%s", seed, run_cfg.output_dir, " (resuming)" if resume else "")
-        runs[seed] = train(run_cfg, resume=resume, quiet=True, **kwargs)
+    # Under torchrun the seeds' runs share one process group (train() leaves a group it did not create).
+    ctx = du.init_distributed(kwargs.get("device"))
+    try:
+        for seed in seeds:
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg.solver.seed = seed
+            run_cfg.output_dir = str(root / f"seed_{seed}")
+            resume = run_cfg.output_dir if (Path(run_cfg.output_dir) / "checkpoints" / "last.pt").exists() else None
+            log.info("seed %d: %s%s", seed, run_cfg.output_dir, " (resuming)" if resume else "")
+            runs[seed] = train(run_cfg, resume=resume, quiet=True, **kwargs)
+    finally:
+        du.shutdown_distributed(ctx)
     result = {"seeds": seeds, "runs": {str(s): r for s, r in runs.items()},
               "final": _aggregate([r["final"] for r in runs.values()]),
               "best": _aggregate([r["best"] for r in runs.values()])}
