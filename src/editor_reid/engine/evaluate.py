@@ -163,7 +163,7 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     "rank10", "mINP"}``, or with ``missing`` one such dict per subset plus ``"average"``.
     """
     from editor_reid.data.layouts import load_dataset
-    from editor_reid.model import build_model
+    from editor_reid.model import build_model, maybe_compile
 
     if missing not in (None, "all"):
         raise ValueError(f"missing must be None or 'all', got {missing!r}")
@@ -182,7 +182,7 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     model = build_model(cfg, num_classes, num_cameras)
     loaded = load_weights(model, weights, state)
     _check_config(loaded, cfg)
-    model.to(dev).eval()
+    maybe_compile(model.to(dev).eval(), cfg)
     rerank = rerank or cfg.test.re_ranking
 
     query_loader, gallery_loader = build_eval_loaders(cfg, splits)

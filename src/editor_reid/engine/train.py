@@ -196,7 +196,7 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
     from editor_reid.engine import checkpoint as ckpt
     from editor_reid.engine.solver import WarmupCosineLR, build_optimizer, make_grad_scaler
     from editor_reid.losses import EditorCriterion
-    from editor_reid.model import build_model
+    from editor_reid.model import build_model, maybe_compile
 
     ensure_console_log()
     ctx = du.init_distributed(device)
@@ -239,7 +239,7 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
 
         model = build_model(cfg, num_classes, num_cameras, pretrained=resume_dir is None).to(ctx.device)
         criterion = EditorCriterion(cfg, num_classes, model.embed_dim, **du.criterion_hooks(ctx)).to(ctx.device)
-        model = du.wrap_model(ctx, model, sync_bn=cfg.model.sync_bn)
+        model = du.wrap_model(ctx, maybe_compile(model, cfg), sync_bn=cfg.model.sync_bn)
         optimizer = build_optimizer(cfg, _unwrap(model))
         scheduler = WarmupCosineLR(optimizer, cfg)
         scaler = make_grad_scaler(ctx.device, cfg.solver.amp)
