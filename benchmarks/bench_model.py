@@ -25,8 +25,8 @@ threshold pinned at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor buffer 
 returned to the system when freed and the resident set follows the live tensors; the process's
 high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` just before the measured
 step and read after it. Timings are taken in this process with the default allocator. Times are
-the minimum over ``--repeats`` interleaved runs (backbone and EDITOR alternate, so slow phases of
-a shared machine hit both).
+the minimum over ``--repeats`` (training: ``--train-repeats``) interleaved rounds (backbone and
+EDITOR alternate, so slow phases of a shared machine hit both); every round's time is in the JSON.
 
 Examples::
 
@@ -226,20 +226,25 @@ def matmul_peak(device, dtype) -> float:
     return flops / time_interleaved({"matmul": run}, 3, device)["matmul"]
 
 
-def time_interleaved(fns: dict, repeats: int, device) -> dict[str, float]:
-    """Minimum wall time of each fn over ``repeats`` rounds, the fns alternating within a round."""
+def time_rounds(fns: dict, repeats: int, device) -> dict[str, list[float]]:
+    """Wall times of each fn over ``repeats`` rounds, the fns alternating within a round."""
     for fn in fns.values():  # warm-up (allocator, kernels, compilation)
         fn()
     sync(device)
-    best = {name: float("inf") for name in fns}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def time_interleaved(fns: dict, repeats: int, device) -> dict[str, float]:
+    """Minimum wall time of each fn over ``repeats`` interleaved rounds."""
+    return {name: min(values) for name, values in time_rounds(fns, repeats, device).items()}
 
 
 def train_step_fn(cfg, model, criterion, optimizer, scaler, images, cams, targets, device, amp: str):
@@ -340,13 +345,15 @@ def bench_size(args, size, device, dtype) -> dict:
         # The matmul reference runs between the models' runs, so it sees the same machine state.
         run_matmul, matmul_flops = matmul_fn(device, dtype)
         fns = {"backbone": run_backbone, "matmul": run_matmul, "editor": run_editor}
-        times = time_interleaved(fns, args.repeats, device)
+        rounds = time_rounds(fns, args.repeats, device)
+    times = {name: min(values) for name, values in rounds.items()}
     peak_flops = matmul_flops / times.pop("matmul")
     b = args.batch
     result["inference"] = {
         "batch_triplets": b,
         "time_per_triplet_s": {k: v / b for k, v in times.items()},
         "ratio": times["editor"] / times["backbone"],
+        "round_times_s": rounds,
         "gflops_per_triplet": {"backbone": flops_backbone / b / 1e9, "editor": flops_editor / b / 1e9},
         "editor_gflops_by_module": {k: v / b / 1e9 for k, v in parts.items()},
         "achieved_gflops": {"backbone": flops_backbone / times["backbone"] / 1e9, "editor": flops_editor / times["editor"] / 1e9},
@@ -363,7 +370,8 @@ def bench_size(args, size, device, dtype) -> dict:
     if args.skip_train:
         return result
     setups = {v: training_setup(args, v, size, device) for v in ("backbone", "editor")}
-    train_times = time_interleaved({v: step for v, (step, _) in setups.items()}, args.repeats, device)
+    train_rounds = time_rounds({v: step for v, (step, _) in setups.items()}, args.train_repeats, device)
+    train_times = {name: min(values) for name, values in train_rounds.items()}
     if torch.device(device).type == "cuda":
         memory = {v: peak_memory_cuda(*setup) for v, setup in setups.items()}
     else:
@@ -373,6 +381,7 @@ def bench_size(args, size, device, dtype) -> dict:
         "batch_triplets": args.train_batch,
         "step_time_s": train_times,
         "time_ratio": train_times["editor"] / train_times["backbone"],
+        "round_times_s": train_rounds,
         "step_peak_bytes": {v: m["step_peak"] for v, m in memory.items()},
         "total_peak_bytes": {v: m["total_peak"] for v, m in memory.items()},
         "memory_ratio": memory["editor"]["step_peak"] / memory["backbone"]["step_peak"],
@@ -466,7 +475,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="model.compile=true (maybe_compile)")
     parser.add_argument("--inputs", default="synthetic", choices=["synthetic", "random"],
                         help="synthetic dataset images through the test transform, or N(0, 1) noise")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed inference rounds (minimum kept)")
+    parser.add_argument("--train-repeats", type=int, default=3, help="timed training rounds (minimum kept)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -490,7 +500,7 @@ def main(argv=None) -> int:
     report = {
         "machine": machine_info(args.device),
         "config": {"arch": arch, "amp": args.amp, "compile": args.compile, "batch": args.batch,
-                   "train_batch": args.train_batch, "repeats": args.repeats, "inputs": args.inputs, "matmul": f"{MATMUL_N}x{MATMUL_N} {str(dtype).replace('torch.', '')}"},
+                   "train_batch": args.train_batch, "repeats": args.repeats, "train_repeats": args.train_repeats, "inputs": args.inputs, "matmul": f"{MATMUL_N}x{MATMUL_N} {str(dtype).replace('torch.', '')}"},
         "matmul_peak_gflops": peak / 1e9,
         "results": [],
     }

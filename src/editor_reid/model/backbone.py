@@ -32,8 +32,8 @@ returned tokens are zero: nothing downstream of the selection reads them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import timm
@@ -341,18 +341,21 @@ class ViTBackbone(nn.Module):
                 x = block(x)
             tokens = self.vit.norm(x)
             with torch.no_grad():
-                qk = []
-                for block, qkv in zip(self.vit.blocks, self._qkv):
-                    q, k = qkv.unflatten(-1, (3, block.attn.num_heads, -1))[:, :, :2].permute(2, 0, 3, 1, 4).contiguous()
-                    qk.append((block.attn.q_norm(q), block.attn.k_norm(k), block.attn.scale))
+                blocks = list(self.vit.blocks)
+
+                def probs(index: int, queries: slice = slice(None)) -> torch.Tensor:  # [B, h, Lq, L]
+                    attn = blocks[index].attn
+                    qkv = self._qkv[index].unflatten(-1, (3, attn.num_heads, -1))[:, :, :2]
+                    q, k = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d] views
+                    return attention_probs(attn.q_norm(q[:, :, queries]), attn.k_norm(k), attn.scale)
+
                 if return_attn:
-                    maps = [attention_probs(q, k, scale) for q, k, scale in qk]
+                    maps = [probs(index) for index in range(len(blocks))]
                     return tokens, maps, rollout_cls_row(maps)
                 # Reverse chain, one map alive at a time: e_0ᵀ A_L, then · A_{L-1}, ..., · A_1.
-                q, k, scale = qk[-1]
-                row = attention_probs(q[:, :, :1], k, scale)  # [B, h, 1, L]
-                for q, k, scale in reversed(qk[:-1]):
-                    row = row @ attention_probs(q, k, scale)
+                row = probs(len(blocks) - 1, slice(0, 1))  # [B, h, 1, L]
+                for index in reversed(range(len(blocks) - 1)):
+                    row = row @ probs(index)
                 return tokens, None, row[:, :, 0, 1:]
         finally:
             self._capturing = False

@@ -12,8 +12,11 @@ masked before every Linear, no Linear has a bias, GELU(0) = 0, the row mask zero
 queries) and kept tokens attend only to kept tokens. Dropped tokens therefore influence nothing,
 so this implementation gathers the kept tokens (CLS + selected patches, in token order) into a
 compact sequence padded to the largest count in the batch, and runs scaled-dot-product attention
-with a key-padding mask. The result equals the direct masked computation up to float summation
-order (the tests compare the two).
+with a key-padding mask. The row-wise work (LayerNorms, projections, MLP) runs on the valid rows
+only, packed without padding; only attention sees the padded layout. The stage-2 block runs over
+the concatenated kept tokens of the three modalities. The result equals the direct masked
+computation up to float summation order (tests/test_hma.py and tests/test_parity.py compare).
+The kept-token counts are read on the host once per forward (data-dependent shapes).
 """
 
 from __future__ import annotations
