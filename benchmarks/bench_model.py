@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -353,6 +354,7 @@ def bench_size(args, size, device, dtype) -> dict:
         "batch_triplets": b,
         "time_per_triplet_s": {k: v / b for k, v in times.items()},
         "ratio": times["editor"] / times["backbone"],
+        "median_ratio": statistics.median(rounds["editor"]) / statistics.median(rounds["backbone"]),
         "round_times_s": rounds,
         "gflops_per_triplet": {"backbone": flops_backbone / b / 1e9, "editor": flops_editor / b / 1e9},
         "editor_gflops_by_module": {k: v / b / 1e9 for k, v in parts.items()},
@@ -381,6 +383,7 @@ def bench_size(args, size, device, dtype) -> dict:
         "batch_triplets": args.train_batch,
         "step_time_s": train_times,
         "time_ratio": train_times["editor"] / train_times["backbone"],
+        "median_time_ratio": statistics.median(train_rounds["editor"]) / statistics.median(train_rounds["backbone"]),
         "round_times_s": train_rounds,
         "step_peak_bytes": {v: m["step_peak"] for v, m in memory.items()},
         "total_peak_bytes": {v: m["total_peak"] for v, m in memory.items()},
@@ -423,7 +426,7 @@ def render(report: dict) -> str:
         f"large-matmul reference: {cfg['matmul']} (best of the run's rounds; at the start of the run "
         f"{report['matmul_peak_gflops']:.1f} GFLOP/s)",
     ]
-    row = "{:<44}{:>12}{:>12}{:>10}"
+    row = "{:<48}{:>12}{:>12}{:>10}"
     for res in report["results"]:
         inf = res["inference"]
         h, w = res["size"]
@@ -431,8 +434,9 @@ def render(report: dict) -> str:
                   f"patches per sample on average, max {inf['kept_patches_max']})",
                   row.format("", "backbone", "EDITOR", "ratio")]
         t, f, a, frac = inf["time_per_triplet_s"], inf["gflops_per_triplet"], inf["achieved_gflops"], inf["fraction_of_matmul_peak"]
-        lines.append(row.format(f"inference s/triplet (batch {inf['batch_triplets']})", f"{t['backbone']:.3f}",
+        lines.append(row.format(f"inference s/triplet (batch {inf['batch_triplets']}, best)", f"{t['backbone']:.3f}",
                                 f"{t['editor']:.3f}", f"{inf['ratio']:.3f}"))
+        lines.append(row.format("  ratio of the median rounds", "", "", f"{inf['median_ratio']:.3f}"))
         lines.append(row.format("inference GFLOPs/triplet", f"{f['backbone']:.2f}", f"{f['editor']:.2f}",
                                 f"{f['editor'] / f['backbone']:.3f}"))
         lines.append(row.format("achieved GFLOP/s", f"{a['backbone']:.1f}", f"{a['editor']:.1f}", ""))
@@ -444,8 +448,9 @@ def render(report: dict) -> str:
             tr = res["train"]
             st, sp = tr["step_time_s"], tr["step_peak_bytes"]
             tp = tr["total_peak_bytes"]
-            lines.append(row.format(f"train step s (batch {tr['batch_triplets']} triplets)", f"{st['backbone']:.3f}",
+            lines.append(row.format(f"train step s (batch {tr['batch_triplets']} triplets, best)", f"{st['backbone']:.3f}",
                                     f"{st['editor']:.3f}", f"{tr['time_ratio']:.3f}"))
+            lines.append(row.format("  ratio of the median rounds", "", "", f"{tr['median_time_ratio']:.3f}"))
             lines.append(row.format("train step peak memory MiB (over steady)", f"{sp['backbone'] / 2**20:.0f}",
                                     f"{sp['editor'] / 2**20:.0f}", f"{tr['memory_ratio']:.3f}"))
             lines.append(row.format("train process peak memory MiB (total)", f"{tp['backbone'] / 2**20:.0f}",
