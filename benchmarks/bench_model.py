@@ -65,7 +65,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from editor_reid.config import load_config
 from editor_reid.engine.solver import autocast_context, build_optimizer, make_grad_scaler
 from editor_reid.losses import EditorCriterion, cross_entropy_label_smooth, triplet_loss
-from editor_reid.model import build_backbone, build_model, maybe_compile
+from editor_reid.engine.acceleration import maybe_compile
+from editor_reid.model import build_backbone, build_model
 
 MODS = ("RGB", "NI", "TI")
 NUM_CAMERAS = 4

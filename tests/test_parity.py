@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from editor_reid.config import load_config
 from editor_reid.engine.solver import autocast_context
 from editor_reid.losses import EditorCriterion
-from editor_reid.model import build_model, maybe_compile
+from editor_reid.engine.acceleration import maybe_compile
+from editor_reid.model import build_model
 
 MODS = ("RGB", "NI", "TI")
 HEAD_KEEP, FREQUENCY_KEEP = 1, 4
@@ -275,7 +276,7 @@ def test_bf16_autocast_forward_and_backward_on_cpu():
 
 def test_maybe_compile_keeps_the_eager_model_on_cpu(caplog):
     cfg, model = make_model((64, 32), **{"model.compile": "true"})
-    with caplog.at_level(logging.INFO, logger="editor_reid.model.editor"):
+    with caplog.at_level(logging.INFO, logger="editor_reid.engine.acceleration"):
         assert maybe_compile(model, cfg) is model
     assert "eager" in caplog.text
     off, _ = make_model((64, 32))

@@ -163,7 +163,8 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     "rank10", "mINP"}``, or with ``missing`` one such dict per subset plus ``"average"``.
     """
     from editor_reid.data.layouts import load_dataset
-    from editor_reid.model import build_model, maybe_compile
+    from editor_reid.engine.acceleration import maybe_compile
+    from editor_reid.model import build_model
 
     if missing not in (None, "all"):
         raise ValueError(f"missing must be None or 'all', got {missing!r}")

@@ -196,7 +196,8 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
     from editor_reid.engine import checkpoint as ckpt
     from editor_reid.engine.solver import WarmupCosineLR, build_optimizer, make_grad_scaler
     from editor_reid.losses import EditorCriterion
-    from editor_reid.model import build_model, maybe_compile
+    from editor_reid.engine.acceleration import maybe_compile
+    from editor_reid.model import build_model
 
     ensure_console_log()
     ctx = du.init_distributed(device)

@@ -13,7 +13,6 @@ from editor_reid.model.editor import (
     EditorTrainOutput,
     build_model,
     count_parameters,
-    maybe_compile,
 )
 from editor_reid.model.hma import HMA, HMAOutput
 from editor_reid.model.official import (
@@ -47,7 +46,6 @@ __all__ = [
     "haar_idwt2",
     "load_official_checkpoint",
     "load_pretrained",
-    "maybe_compile",
     "official_key",
     "rollout_cls_row",
     "select_tokens",
