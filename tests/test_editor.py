@@ -13,21 +13,9 @@ from editor_reid.config import load_config
 from editor_reid.model import EditorTrainOutput, build_model, count_parameters, rollout_cls_row
 from editor_reid.model.sfts import frequency_mask, spatial_mask
 
+from _tiny import tiny_cfg
+
 MODS = ("RGB", "NI", "TI")
-
-
-def tiny_cfg(size=(64, 32), **overrides):
-    items = [
-        "model.embed_dim=64",
-        "model.depth=2",
-        "model.num_heads=4",
-        f"input.size_train=[{size[0]},{size[1]}]",
-        f"input.size_test=[{size[0]},{size[1]}]",
-        "model.head_keep=1",
-        "model.frequency_keep=2",
-    ]
-    items += [f"{k}={v}" for k, v in overrides.items()]
-    return load_config(None, items)
 
 
 def tiny_model(size=(64, 32), num_classes=5, num_cameras=3, seed=0, **overrides):

@@ -16,23 +16,13 @@ from editor_reid.model import (
     to_official_state_dict,
 )
 
+from _tiny import tiny_cfg
+
 MODS = ("RGB", "NI", "TI")
 
 
 def tiny_model(al=1, num_classes=5, num_cameras=3, seed=0, size=(64, 32)):
-    cfg = load_config(
-        None,
-        [
-            "model.embed_dim=64",
-            "model.depth=2",
-            "model.num_heads=4",
-            f"input.size_train=[{size[0]},{size[1]}]",
-            f"input.size_test=[{size[0]},{size[1]}]",
-            "model.head_keep=1",
-            "model.frequency_keep=2",
-            f"model.al={al}",
-        ],
-    )
+    cfg = tiny_cfg(size, **{"model.al": al})
     torch.manual_seed(seed)
     model = build_model(cfg, num_classes=num_classes, num_cameras=num_cameras)
     with torch.no_grad():  # move norms/BN statistics off their constant init
