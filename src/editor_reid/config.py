@@ -229,9 +229,8 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
             prefix = ".".join(walked)
             candidates = [f"{prefix}.{n}" if prefix else n for n in fields]
             full = ".".join(walked + [part])
-            # Suggest among all leaf keys too, which catches a misplaced section.
-            all_keys = list(_all_keys(cfg))
-            hint = _closest(full, all_keys) if not candidates else _closest(full, candidates + all_keys)
+            # Suggest among all leaf keys too, which catches a key put in the wrong section.
+            hint = _closest(full, candidates + list(_all_keys(cfg)))
             raise ConfigError(f"{source}: unknown config key '{dotted}'{hint}")
         walked.append(part)
         child = getattr(node, part)
