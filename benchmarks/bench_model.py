@@ -24,9 +24,19 @@ activations, gradients and optimiser temporaries all count in the step's peak. O
 threshold pinned at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor buffer is mmapped and
 returned to the system when freed and the resident set follows the live tensors; the process's
 high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs`` just before the measured
-step and read after it. Timings are taken in this process with the default allocator. Times are
-the minimum over ``--repeats`` (training: ``--train-repeats``) interleaved rounds (backbone and
-EDITOR alternate, so slow phases of a shared machine hit both); every round's time is in the JSON.
+step and read after it. Times are the minimum over ``--repeats`` (training: ``--train-repeats``)
+interleaved rounds (backbone and EDITOR alternate, in reverse order every other round, so slow
+phases of a shared machine hit both); the table also gives the ratio of the median rounds and
+the median of the per-round ratios (each EDITOR round divided by the backbone round next to it),
+the steadiest of the three when the machine's speed drifts; every round's time is in the JSON.
+
+Allocator (``--allocator``, CPU timings): ``system`` (default) keeps glibc's defaults, as a user
+gets them. There, blocks over glibc's mmap threshold (at most 32 MiB; a ViT-B MLP activation at
+batch 8 is 38 MiB) can be mapped and unmapped on every allocation, and each use page-faults them
+back in; how often depends on the allocation history of the process, a source of round-to-round
+variation. ``reuse`` tells glibc through ``mallopt`` never to hand memory back to the system (no
+mmap for large blocks, no trimming), so freed tensor memory is reused and nothing page-faults
+after the first round. Both models are timed under the same setting; the JSON records it.
 
 Examples::
 
@@ -47,6 +57,7 @@ dropped one saves about 37 MFLOP in the last backbone block (3 modalities).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -175,6 +186,21 @@ def make_inputs(batch: int, size, device, seed: int = 0, source: str = "syntheti
 # -------------------------------------------------------------------------------- measurements
 
 
+def configure_allocator(mode: str) -> str:
+    """Apply ``--allocator`` to this process; returns what was done (for the report)."""
+    if mode == "system":
+        return "system (glibc defaults)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "system (not glibc: --allocator reuse has no effect)"
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    if not (mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1)):
+        return "system (mallopt refused)"
+    return "reuse (glibc mallopt: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -200,10 +226,11 @@ def count_flops(fn) -> tuple[int, dict[str, int]]:
     counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
     with counter:
         fn()
-    per_module = {}
-    for name, ops in counter.get_flop_counts().items():
-        if name.count(".") == 1:
-            per_module[name.split(".", 1)[1]] = int(sum(ops.values()))
+    counts = {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items() if name != "Global"}
+    # Children of the called module: "EDITOR.x" when it was called, "x" when its forward was.
+    roots = [name for name in counts if "." not in name]
+    depth = 1 if len(roots) == 1 else 0
+    per_module = {name.split(".", depth)[-1]: n for name, n in counts.items() if name.count(".") == depth}
     return int(counter.get_total_flops()), per_module
 
 
@@ -229,13 +256,15 @@ def matmul_peak(device, dtype) -> float:
 
 
 def time_rounds(fns: dict, repeats: int, device) -> dict[str, list[float]]:
-    """Wall times of each fn over ``repeats`` rounds, the fns alternating within a round."""
+    """Wall times of each fn over ``repeats`` rounds; within a round the fns run one after the
+    other, in reverse order every other round."""
     for fn in fns.values():  # warm-up (allocator, kernels, compilation)
         fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for index in range(repeats):  # A B, B A, A B, ...: a steady drift of the machine hits both alike
+        for name, fn in order if index % 2 == 0 else order[::-1]:
             sync(device)
             start = time.perf_counter()
             fn()
@@ -247,6 +276,11 @@ def time_rounds(fns: dict, repeats: int, device) -> dict[str, list[float]]:
 def time_interleaved(fns: dict, repeats: int, device) -> dict[str, float]:
     """Minimum wall time of each fn over ``repeats`` interleaved rounds."""
     return {name: min(values) for name, values in time_rounds(fns, repeats, device).items()}
+
+
+def paired_ratio(rounds: dict[str, list[float]]) -> float:
+    """Median over rounds of EDITOR's time / the backbone's time in the same round."""
+    return statistics.median(e / b for e, b in zip(rounds["editor"], rounds["backbone"]))
 
 
 def train_step_fn(cfg, model, criterion, optimizer, scaler, images, cams, targets, device, amp: str):
@@ -332,17 +366,22 @@ def bench_size(args, size, device, dtype) -> dict:
     stacked, cams3 = torch.cat([images[m] for m in MODS]), cams.repeat(3)
     amp = args.amp
 
-    def run_backbone():
-        with autocast_context(device, amp):
-            return backbone(stacked, cams3, rollout=False).tokens
+    # With --compile (CUDA) the EDITOR is compiled in place by maybe_compile; its backbone, a
+    # submodule, is compiled separately for its own timing. FLOPs are counted on the eager
+    # forwards (``Module.forward`` bypasses the compiled call; module names then are class names).
+    timed_backbone = torch.compile(backbone) if args.compile and torch.device(device).type == "cuda" else backbone
 
-    def run_editor():
+    def run_backbone(module=timed_backbone):
         with autocast_context(device, amp):
-            return editor(images, cams)
+            return module(stacked, cams3, rollout=False).tokens
+
+    def run_editor(call=editor):
+        with autocast_context(device, amp):
+            return call(images, cams)
 
     with torch.inference_mode():
-        flops_backbone, _ = count_flops(run_backbone)
-        flops_editor, parts = count_flops(run_editor)
+        flops_backbone, _ = count_flops(lambda: run_backbone(backbone))
+        flops_editor, parts = count_flops(lambda: run_editor(editor.forward if args.compile else editor))
         kept = editor.last_token_mask.sum(dim=1).float()
         # The matmul reference runs between the models' runs, so it sees the same machine state.
         run_matmul, matmul_flops = matmul_fn(device, dtype)
@@ -356,6 +395,7 @@ def bench_size(args, size, device, dtype) -> dict:
         "time_per_triplet_s": {k: v / b for k, v in times.items()},
         "ratio": times["editor"] / times["backbone"],
         "median_ratio": statistics.median(rounds["editor"]) / statistics.median(rounds["backbone"]),
+        "paired_ratio": paired_ratio(rounds),
         "round_times_s": rounds,
         "gflops_per_triplet": {"backbone": flops_backbone / b / 1e9, "editor": flops_editor / b / 1e9},
         "editor_gflops_by_module": {k: v / b / 1e9 for k, v in parts.items()},
@@ -385,6 +425,7 @@ def bench_size(args, size, device, dtype) -> dict:
         "step_time_s": train_times,
         "time_ratio": train_times["editor"] / train_times["backbone"],
         "median_time_ratio": statistics.median(train_rounds["editor"]) / statistics.median(train_rounds["backbone"]),
+        "paired_time_ratio": paired_ratio(train_rounds),
         "round_times_s": train_rounds,
         "step_peak_bytes": {v: m["step_peak"] for v, m in memory.items()},
         "total_peak_bytes": {v: m["total_peak"] for v, m in memory.items()},
@@ -422,7 +463,8 @@ def render(report: dict) -> str:
     m, cfg = report["machine"], report["config"]
     lines = [
         f"machine: {m['cpu_model'] or m['processor']} (processor '{m['processor']}', {m['cpu_count']} CPUs), "
-        f"torch {m['torch']}, {m['torch_threads']} threads, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
+        f"torch {m['torch']}, {m['torch_threads']} threads, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
+        + f"; allocator {cfg['allocator']}",
         f"model: {cfg['arch']}; inputs {cfg['inputs']}; amp {cfg['amp']}; compile {cfg['compile']}; "
         f"large-matmul reference: {cfg['matmul']} (best of the run's rounds; at the start of the run "
         f"{report['matmul_peak_gflops']:.1f} GFLOP/s)",
@@ -438,6 +480,8 @@ def render(report: dict) -> str:
         lines.append(row.format(f"inference s/triplet (batch {inf['batch_triplets']}, best)", f"{t['backbone']:.3f}",
                                 f"{t['editor']:.3f}", f"{inf['ratio']:.3f}"))
         lines.append(row.format("  ratio of the median rounds", "", "", f"{inf['median_ratio']:.3f}"))
+        lines.append(row.format("  median of the per-round ratios", "", "", f"{inf['paired_ratio']:.3f}"))
+        lines.append(row.format("inference triplets/s (best)", f"{1 / t['backbone']:.1f}", f"{1 / t['editor']:.1f}", ""))
         lines.append(row.format("inference GFLOPs/triplet", f"{f['backbone']:.2f}", f"{f['editor']:.2f}",
                                 f"{f['editor'] / f['backbone']:.3f}"))
         lines.append(row.format("achieved GFLOP/s", f"{a['backbone']:.1f}", f"{a['editor']:.1f}", ""))
@@ -452,6 +496,9 @@ def render(report: dict) -> str:
             lines.append(row.format(f"train step s (batch {tr['batch_triplets']} triplets, best)", f"{st['backbone']:.3f}",
                                     f"{st['editor']:.3f}", f"{tr['time_ratio']:.3f}"))
             lines.append(row.format("  ratio of the median rounds", "", "", f"{tr['median_time_ratio']:.3f}"))
+            lines.append(row.format("  median of the per-round ratios", "", "", f"{tr['paired_time_ratio']:.3f}"))
+            b = tr["batch_triplets"]
+            lines.append(row.format("train triplets/s (best step)", f"{b / st['backbone']:.1f}", f"{b / st['editor']:.1f}", ""))
             lines.append(row.format("train step peak memory MiB (over steady)", f"{sp['backbone'] / 2**20:.0f}",
                                     f"{sp['editor'] / 2**20:.0f}", f"{tr['memory_ratio']:.3f}"))
             lines.append(row.format("train process peak memory MiB (total)", f"{tp['backbone'] / 2**20:.0f}",
@@ -485,6 +532,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-repeats", type=int, default=3, help="timed training rounds (minimum kept)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--allocator", default="system", choices=["system", "reuse"],
+                        help="CPU memory: glibc's defaults, or reuse freed blocks (see the module doc)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -498,6 +547,7 @@ def main(argv=None) -> int:
     if args.train_batch % 2:
         parser.error("--train-batch must be even (two samples per identity for the triplet loss)")
     sizes = [parse_size(s) for s in args.sizes]
+    allocator = configure_allocator(args.allocator) if args.device == "cpu" else "n/a (CUDA caching allocator)"
     dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     peak = matmul_peak(args.device, dtype)
     cfg = make_config(args, sizes[0])
@@ -506,7 +556,7 @@ def main(argv=None) -> int:
     report = {
         "machine": machine_info(args.device),
         "config": {"arch": arch, "amp": args.amp, "compile": args.compile, "batch": args.batch,
-                   "train_batch": args.train_batch, "repeats": args.repeats, "train_repeats": args.train_repeats, "inputs": args.inputs, "matmul": f"{MATMUL_N}x{MATMUL_N} {str(dtype).replace('torch.', '')}"},
+                   "train_batch": args.train_batch, "repeats": args.repeats, "train_repeats": args.train_repeats, "inputs": args.inputs, "allocator": allocator, "matmul": f"{MATMUL_N}x{MATMUL_N} {str(dtype).replace('torch.', '')}"},
         "matmul_peak_gflops": peak / 1e9,
         "results": [],
     }

@@ -88,28 +88,38 @@ def rollout_cls_row(attn: list[torch.Tensor]) -> torch.Tensor:
     return row[:, :, 0, 1:]
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) in fp32: q [B, h, Lq, d], k [B, h, L, d] -> [B, h, Lq, L].
 
-    One batched matmul (scale folded in) and one softmax: few large kernels rather than many
-    small ones (each parallel kernel has a fixed cost, large on a busy machine).
+    One batched matmul (scale folded in) and one in-place softmax: few large kernels rather than
+    many small ones (each parallel kernel has a fixed cost, large on a busy machine). ``out``: a
+    contiguous fp32 [B, h, Lq, L] tensor to write into (no allocation).
     """
     with torch.autocast(device_type=q.device.type, enabled=False):
         batch, heads, length_q, dim = q.shape
         length = k.shape[2]
         q = q.float().reshape(batch * heads, length_q, dim)
         k = k.float().reshape(batch * heads, length, dim)
-        logits = q.new_empty(batch * heads, length_q, length)
+        if out is None:
+            out = q.new_empty(batch, heads, length_q, length)
+        logits = out.view(batch * heads, length_q, length)
         torch.baddbmm(logits, q, k.transpose(1, 2), beta=0.0, alpha=scale, out=logits)
-        return logits.softmax(dim=-1).view(batch, heads, length_q, length)
+        torch.softmax(logits, dim=-1, out=logits)
+        return out
 
 
 def attention_with_probs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: nn.Module | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    dropout: nn.Module | None = None,
+    probs_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention written out, fp32: q [B, h, Lq, d], k, v [B, h, L, d] -> (output [B, Lq, h, d],
-    probs [B, h, Lq, L]). ``dropout`` (the block's ``attn_drop``) acts on the output path only."""
-    probs = attention_probs(q, k, scale)
+    probs [B, h, Lq, L]). ``dropout`` (the block's ``attn_drop``) acts on the output path only;
+    ``probs_out`` as ``out`` of :func:`attention_probs`."""
+    probs = attention_probs(q, k, scale, out=probs_out)
     weights = probs if dropout is None else dropout(probs)
     batch, heads, length_q, length = probs.shape
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -224,12 +234,16 @@ class ViTBackbone(nn.Module):
         x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
-    def _block_with_probs(self, block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block with its attention written out (no-grad path): (output [B, L, D], probs [B, h, L, L])."""
+    def _block_with_probs(
+        self, block: nn.Module, x: torch.Tensor, probs_out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block with its attention written out (no-grad path): (output [B, L, D], probs [B, h, L, L]).
+
+        ``probs_out``: where to write the probabilities (see ``_forward_written_out``)."""
         attn = block.attn
         h = block.norm1(x)
         q, k, v = _heads_first(attn.qkv(h), 3, attn.num_heads).unbind(0)  # [B, h, L, d] each
-        out, probs = attention_with_probs(attn.q_norm(q), attn.k_norm(k), v, attn.scale, attn.attn_drop)
+        out, probs = attention_with_probs(attn.q_norm(q), attn.k_norm(k), v, attn.scale, attn.attn_drop, probs_out)
         return self._finish_block(block, x, h, out), probs
 
     def _last_block_selected(
@@ -362,13 +376,22 @@ class ViTBackbone(nn.Module):
             self._qkv = [None] * self.depth
 
     def _forward_written_out(self, x: torch.Tensor, return_attn: bool, select):
-        """No-grad path: attention written out, each map computed once and kept (fp32)."""
+        """No-grad path: attention written out, each map computed once and kept (fp32).
+
+        The maps are written into one buffer allocated before the first block: allocating each
+        kept map as it comes interleaves long-lived blocks with the blocks' temporaries, so the
+        allocator cannot reuse their memory and the later blocks run on fresh pages (on CPU the
+        page faults made some MLP activations 10-20x slower than in the bare backbone).
+        """
         blocks = list(self.vit.blocks)
         early_select = select is not None and not return_attn
-        maps: list[torch.Tensor] = []  # [B, h, L, L] each
-        for block in blocks[:-1] if early_select else blocks:
-            x, probs = self._block_with_probs(block, x)
-            maps.append(probs)
+        written = blocks[:-1] if early_select else blocks
+        batch, length, _ = x.shape
+        heads = blocks[0].attn.num_heads
+        buffer = x.new_empty(len(written), batch, heads, length, length, dtype=torch.float32)
+        maps: list[torch.Tensor] = list(buffer.unbind(0))  # [B, h, L, L] each
+        for block, probs in zip(written, maps):
+            x, _ = self._block_with_probs(block, x, probs)
         if early_select:
             tokens, row, keep = self._last_block_selected(blocks[-1], x, maps, select)
             return tokens, None, row, keep
