@@ -297,7 +297,7 @@ def train(cfg: Config, resume: str | Path | None = None, *, on_step: StepHook | 
         torch.use_deterministic_algorithms(was_deterministic)
         pkg_log.setLevel(pkg_level)
         if file_handler is not None:
-            logging.getLogger("editor_reid").removeHandler(file_handler)
+            pkg_log.removeHandler(file_handler)
             file_handler.close()
         du.shutdown_distributed(ctx)
 

@@ -234,17 +234,14 @@ class ViTBackbone(nn.Module):
         x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
         return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
-    def _block_with_probs(
-        self, block: nn.Module, x: torch.Tensor, probs_out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block with its attention written out (no-grad path): (output [B, L, D], probs [B, h, L, L]).
-
-        ``probs_out``: where to write the probabilities (see ``_forward_written_out``)."""
+    def _block_with_probs(self, block: nn.Module, x: torch.Tensor, probs_out: torch.Tensor) -> torch.Tensor:
+        """One block with its attention written out (no-grad path): output [B, L, D]; the
+        probabilities are written into ``probs_out`` [B, h, L, L] (see ``_forward_written_out``)."""
         attn = block.attn
         h = block.norm1(x)
         q, k, v = _heads_first(attn.qkv(h), 3, attn.num_heads).unbind(0)  # [B, h, L, d] each
-        out, probs = attention_with_probs(attn.q_norm(q), attn.k_norm(k), v, attn.scale, attn.attn_drop, probs_out)
-        return self._finish_block(block, x, h, out), probs
+        out, _ = attention_with_probs(attn.q_norm(q), attn.k_norm(k), v, attn.scale, attn.attn_drop, probs_out)
+        return self._finish_block(block, x, h, out)
 
     def _last_block_selected(
         self, block: nn.Module, x: torch.Tensor, maps: list[torch.Tensor], select
@@ -391,7 +388,7 @@ class ViTBackbone(nn.Module):
         buffer = x.new_empty(len(written), batch, heads, length, length, dtype=torch.float32)
         maps: list[torch.Tensor] = list(buffer.unbind(0))  # [B, h, L, L] each
         for block, probs in zip(written, maps):
-            x, _ = self._block_with_probs(block, x, probs)
+            x = self._block_with_probs(block, x, probs)
         if early_select:
             tokens, row, keep = self._last_block_selected(blocks[-1], x, maps, select)
             return tokens, None, row, keep
