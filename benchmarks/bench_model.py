@@ -126,7 +126,8 @@ def make_config(args, size: tuple[int, int]):
 
 
 def perturb_norms(model: nn.Module, seed: int = 0) -> None:
-    """Move LayerNorm affine parameters off their constant init (spec §10.20)."""
+    """Move LayerNorm affine parameters off their constant init
+    (docs/official-behaviour.md#quirk-patch-mean-divisor)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -249,9 +250,9 @@ def matmul_fn(device, dtype, n: int = MATMUL_N, reps: int = 10):
     return run, 2 * n**3 * reps
 
 
-def matmul_peak(device, dtype) -> float:
+def matmul_peak(device, dtype, n: int = MATMUL_N) -> float:
     """Best FLOP/s of large matmuls (3 rounds after a warm-up)."""
-    run, flops = matmul_fn(device, dtype)
+    run, flops = matmul_fn(device, dtype, n)
     return flops / time_interleaved({"matmul": run}, 3, device)["matmul"]
 
 
@@ -384,7 +385,7 @@ def bench_size(args, size, device, dtype) -> dict:
         flops_editor, parts = count_flops(lambda: run_editor(editor.forward if args.compile else editor))
         kept = editor.last_token_mask.sum(dim=1).float()
         # The matmul reference runs between the models' runs, so it sees the same machine state.
-        run_matmul, matmul_flops = matmul_fn(device, dtype)
+        run_matmul, matmul_flops = matmul_fn(device, dtype, args.matmul_size)
         fns = {"backbone": run_backbone, "matmul": run_matmul, "editor": run_editor}
         rounds = time_rounds(fns, args.repeats, device)
     times = {name: min(values) for name, values in rounds.items()}
@@ -534,6 +535,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--allocator", default="system", choices=["system", "reuse"],
                         help="CPU memory: glibc's defaults, or reuse freed blocks (see the module doc)")
+    parser.add_argument("--matmul-size", type=int, default=MATMUL_N,
+                        help="side of the reference matmul (default %(default)s; smaller only for smoke tests)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -549,7 +552,7 @@ def main(argv=None) -> int:
     sizes = [parse_size(s) for s in args.sizes]
     allocator = configure_allocator(args.allocator) if args.device == "cpu" else "n/a (CUDA caching allocator)"
     dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    peak = matmul_peak(args.device, dtype)
+    peak = matmul_peak(args.device, dtype, args.matmul_size)
     cfg = make_config(args, sizes[0])
     m = cfg.model
     arch = f"{m.transformer_type}" + (f" (embed_dim {m.embed_dim}, depth {m.depth}, heads {m.num_heads})" if m.embed_dim else "")
@@ -563,7 +566,7 @@ def main(argv=None) -> int:
     for size in sizes:
         report["results"].append(bench_size(args, size, args.device, dtype))
         print(f"[{size[0]}x{size[1]} done]", file=sys.stderr, flush=True)
-    report["matmul_peak_gflops_end"] = matmul_peak(args.device, dtype) / 1e9
+    report["matmul_peak_gflops_end"] = matmul_peak(args.device, dtype, args.matmul_size) / 1e9
     print(render(report))
     print(f"(large-matmul peak at the end of the run: {report['matmul_peak_gflops_end']:.1f} GFLOP/s)")
     if args.json:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from editor_reid.config import MODALITIES, load_config
+from editor_reid.config import load_config
+from editor_reid.modalities import MODALITIES
 from editor_reid.engine import distributed as du
 from editor_reid.losses import EditorCriterion
 from editor_reid.model import build_model

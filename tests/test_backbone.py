@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from editor_reid.model.backbone import ViTBackbone, rollout_cls_row
-from editor_reid.model.pretrained import PretrainedLoadError, load_pretrained, resize_pos_embed
+from editor_reid.model.pretrained import PretrainedLoadError, filter_pretrained, load_pretrained
 
 TINY = dict(embed_dim=64, depth=3, num_heads=4)
 
@@ -147,6 +147,13 @@ def test_bad_configurations_raise_clear_errors():
 # ----------------------------------------------------------------------------- pretrained weights
 
 
+def official_resize(table: torch.Tensor, old_grid, new_grid, mode="bilinear", antialias=False) -> torch.Tensor:
+    """The official position-table resize written out: bilinear, align_corners=False, no antialias."""
+    grid = table[:, 1:].reshape(1, *old_grid, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False, antialias=antialias)
+    return torch.cat([table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1)], dim=1)
+
+
 def _timm_source(arch="vit_base_patch16_224", **kwargs):
     torch.manual_seed(1)
     return timm.create_model(arch, pretrained=False, num_classes=10, **dict(TINY, **kwargs)).eval()
@@ -158,18 +165,24 @@ def _assert_loaded(bb: ViTBackbone, source: nn.Module, *, skip=("pos_embed",)):
         if key.startswith("head") or key in skip:
             continue
         torch.testing.assert_close(own[key], value, msg=key)
-    expected = resize_pos_embed(source.pos_embed.detach(), (14, 14), bb.grid_size)
+    expected = official_resize(source.pos_embed.detach(), (14, 14), bb.grid_size)
     torch.testing.assert_close(bb.vit.pos_embed.detach(), expected)
 
 
 def test_resize_pos_embed_is_bilinear_like_the_official_code():
-    table = torch.randn(1, 1 + 14 * 14, 8)
-    out = resize_pos_embed(table, (14, 14), (16, 8))
-    grid = table[:, 1:].reshape(1, 14, 14, 8).permute(0, 3, 1, 2)
-    want = F.interpolate(grid, size=(16, 8), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(1, 128, 8)
-    torch.testing.assert_close(out, torch.cat([table[:, :1], want], dim=1))
-    bicubic = F.interpolate(grid, size=(16, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 128, 8)
-    assert not torch.allclose(out[:, 1:], bicubic)
+    bb = tiny_backbone((256, 128))  # grid 16 x 8: rows upsampled, columns downsampled
+    table = torch.randn(1, 1 + 14 * 14, 64)
+    out = filter_pretrained({"pos_embed": table}, bb)["vit.pos_embed"]
+    torch.testing.assert_close(out, official_resize(table, (14, 14), (16, 8)), atol=0, rtol=0)
+    bicubic = official_resize(table, (14, 14), (16, 8), mode="bicubic")
+    assert not torch.allclose(out[:, 1:], bicubic[:, 1:])
+    antialiased = official_resize(table, (14, 14), (16, 8), antialias=True)  # timm's default; not official
+    assert not torch.allclose(out[:, 1:], antialiased[:, 1:])
+    # A distilled (DeiT) table: both prefix positions kept through the resize, the distillation one dropped.
+    distilled = torch.cat([table[:, :1], torch.randn(1, 1, 64), table[:, 1:]], dim=1)
+    out = filter_pretrained({"pos_embed": distilled, "dist_token": torch.zeros(1, 1, 64)}, bb)
+    assert list(out) == ["vit.pos_embed"]
+    torch.testing.assert_close(out["vit.pos_embed"], official_resize(table, (14, 14), (16, 8)), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("fmt", ["pth", "pth_2d_patch", "safetensors"])
@@ -324,3 +337,13 @@ def test_missing_and_mismatched_files_give_clear_errors(tmp_path):
     with pytest.raises(PretrainedLoadError, match="garbage.pth"):
         load_pretrained(bb, tmp_path / "garbage.pth", "imagenet")
     assert load_pretrained(bb, tmp_path / "nowhere.pth", "none").loaded_keys == []
+
+
+def test_failed_pretrained_load_leaves_the_backbone_untouched(tmp_path):
+    bb = tiny_backbone((64, 32))
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    deep = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0, **dict(TINY, depth=4))
+    torch.save({"module." + k: v for k, v in deep.state_dict().items()}, tmp_path / "deep_ddp.pth")
+    with pytest.raises(PretrainedLoadError, match=r"keys not in the model: .*vit\.blocks\.3"):
+        load_pretrained(bb, tmp_path / "deep_ddp.pth", "imagenet")
+    assert all(torch.equal(bb.state_dict()[k], v) for k, v in before.items())

@@ -1,8 +1,14 @@
-"""The benchmark scripts run end to end and report consistent numbers (no timing is asserted)."""
+"""The benchmark scripts run end to end and report what their docstrings promise.
+
+Only the shape and sanity of the reports are checked (keys present, times and FLOPs positive,
+ratios finite and positive, patch counts within the patch grid); no timing is asserted and the
+scripts' own arithmetic is not recomputed.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,58 +19,95 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+def _run(command: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                          text=True, env=env, timeout=600, check=False)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
 
 
-@pytest.mark.parametrize("allocator", ["reuse", "system"])
-def test_bench_model_tiny(tmp_path, allocator):
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    return _run([sys.executable, str(ROOT / "benchmarks" / script), *args])
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _plausible_ratio(value) -> bool:
+    # EDITOR runs the backbone and more, on a shared machine: anything far outside this range
+    # means a broken measurement, not a slow one.
+    return _positive(value) and 0.05 < value < 100
+
+
+def _run_bench_model(tmp_path: Path, *args: str) -> tuple[dict, str]:
     out = tmp_path / "bench.json"
-    args = ["--tiny", "--sizes", "64x32", "--repeats", "2", "--train-repeats", "1", "--threads", "1",
-            "--allocator", allocator, "--json", str(out)]
-    if allocator == "system":
-        args.append("--skip-train")
-    result = _run("bench_model.py", *args)
+    # A small reference matmul: the default 2048x2048 one is most of a CPU run's time.
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--tiny", "--sizes", "64x32",
+               "--threads", "1", "--matmul-size", "64", "--json", str(out), *args]
+    result = _run(command)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["config"]["allocator"].startswith(allocator)
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_bench_model_reports_inference_flops_and_training(tmp_path):
+    report, stdout = _run_bench_model(tmp_path, "--repeats", "2", "--train-repeats", "1", "--allocator", "reuse")
+    assert report["config"]["allocator"].startswith("reuse")
+    assert _positive(report["matmul_peak_gflops"]) and _positive(report["matmul_peak_gflops_end"])
     (res,) = report["results"]
+    assert res["size"] == [64, 32]
+
     inf = res["inference"]
-    assert res["size"] == [64, 32] and inf["num_patches"] == 8
-    flops = inf["gflops_per_triplet"]
-    assert flops["backbone"] > 0 and flops["editor"] > 0
-    # The per-module split covers the EDITOR forward (the rest: a few small ops outside modules).
-    assert sum(inf["editor_gflops_by_module"].values()) == pytest.approx(flops["editor"], rel=0.05)
-    assert set(inf["editor_gflops_by_module"]) >= {"backbone", "hma"}
-    for name in ("backbone", "editor"):
-        assert len(inf["round_times_s"][name]) == 2
-        assert inf["time_per_triplet_s"][name] == pytest.approx(min(inf["round_times_s"][name]) / inf["batch_triplets"])
-    rounds = inf["round_times_s"]
-    paired = sorted(e / b for e, b in zip(rounds["editor"], rounds["backbone"]))
-    assert inf["paired_ratio"] == pytest.approx(sum(paired) / 2)
-    assert 1 <= inf["kept_patches_mean"] <= 8
-    assert "backbone" in result.stdout and "EDITOR" in result.stdout
-    if allocator == "reuse":
-        train = res["train"]
-        assert train["step_peak_bytes"]["editor"] > 0 and train["step_peak_bytes"]["backbone"] > 0
-        assert train["memory_ratio"] == pytest.approx(
-            train["step_peak_bytes"]["editor"] / train["step_peak_bytes"]["backbone"])
-    else:
-        assert "train" not in res
+    for variant in ("backbone", "editor"):
+        assert _positive(inf["time_per_triplet_s"][variant])
+        assert len(inf["round_times_s"][variant]) == 2 and all(map(_positive, inf["round_times_s"][variant]))
+        assert _positive(inf["gflops_per_triplet"][variant])
+        assert _positive(inf["achieved_gflops"][variant])
+        assert _positive(inf["fraction_of_matmul_peak"][variant])
+    assert all(_plausible_ratio(inf[key]) for key in ("ratio", "median_ratio", "paired_ratio"))
+    assert _positive(inf["matmul_peak_gflops"])
+    # The per-module FLOPs split the EDITOR forward (the rest: a few small ops outside modules).
+    by_module = inf["editor_gflops_by_module"]
+    assert {"backbone", "hma"} <= set(by_module) and all(v >= 0 for v in by_module.values())
+    assert sum(by_module.values()) == pytest.approx(inf["gflops_per_triplet"]["editor"], rel=0.05)
+    # 64x32 with 16x16 patches is a 4x2 grid; SFTS keeps at least one patch.
+    assert inf["num_patches"] == 8
+    assert 1 <= inf["kept_patches_mean"] <= inf["kept_patches_max"] <= inf["num_patches"]
+
+    train = res["train"]
+    for variant in ("backbone", "editor"):
+        assert _positive(train["step_time_s"][variant])
+        assert len(train["round_times_s"][variant]) == 1
+        assert _positive(train["step_peak_bytes"][variant])
+        assert train["total_peak_bytes"][variant] >= train["step_peak_bytes"][variant]
+    for key in ("time_ratio", "median_time_ratio", "paired_time_ratio", "memory_ratio", "total_memory_ratio"):
+        assert _plausible_ratio(train[key]), key
+    assert "backbone" in stdout and "EDITOR" in stdout and "train step" in stdout
 
 
-def test_bench_extract_tiny(tmp_path):
+def test_bench_model_skip_train_under_the_system_allocator(tmp_path):
+    report, stdout = _run_bench_model(tmp_path, "--repeats", "1", "--skip-train", "--inputs", "random")
+    assert report["config"]["allocator"].startswith("system") and report["config"]["inputs"] == "random"
+    (res,) = report["results"]
+    assert "train" not in res and "train step" not in stdout
+    assert _positive(res["inference"]["time_per_triplet_s"]["editor"])
+
+
+def test_bench_extract_reports_rates_per_worker_count(tmp_path):
     out = tmp_path / "extract.json"
-    result = _run("bench_extract.py", "--images", "8", "--batch", "4", "--workers", "0", "--repeats", "1",
-                  "--root", str(tmp_path / "data"), "--json", str(out))
+    result = _run_script("bench_extract.py", "--images", "8", "--batch", "4", "--workers", "0", "--repeats", "1",
+                         "--root", str(tmp_path / "data"), "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    (row,) = report["results"].values()  # one worker count
+    assert report["layout"] == "rgbnt201" and report["batch"] == 4
     assert list(report["results"]) == ["0"]
+    row = report["results"]["0"]
     assert row["triplets"] == 8
-    assert row["extract_s"] > 0
-    for key in ("loader_triplets_per_s", "model_triplets_per_s", "extract_triplets_per_s"):
-        assert row[key] > 0
-    assert row["extract_triplets_per_s"] == pytest.approx(8 / row["extract_s"])
+    for key in ("first_pass_s", "extract_s", "loader_triplets_per_s", "model_triplets_per_s", "extract_triplets_per_s"):
+        assert _positive(row[key]), key
+    assert "extract trip/s" in result.stdout
+
+
+def test_bench_metrics_agrees_with_the_reference_evaluator():
+    # The script itself asserts that evaluate_rank and the reference loop agree to 1e-6.
+    result = _run_script("bench_metrics.py", "--queries", "40", "--gallery", "300", "--ids", "6", "--cameras", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "results identical" in result.stdout

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic save, weights_only load, RNG round trip, non-finite detection."""
+"""Checkpoint files: atomic save, weights_only load, RNG round trip, the training-state schema."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import numpy as np
 import pytest
 import torch
 
+from editor_reid.config import load_config
+from editor_reid.data.sampler import RandomIdentitySampler
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine.checkpoint import (
     CheckpointError,
-    NonFiniteLossError,
     capture_rng_state,
     load_checkpoint,
-    nonfinite_check,
     restore_rng_state,
     save_checkpoint,
 )
+from editor_reid.engine.solver import build_optimizer, build_scheduler, make_grad_scaler
 
 
 def _state(value: float) -> dict:
@@ -141,16 +142,54 @@ def test_restore_rng_state_names_missing_parts():
         restore_rng_state({"python": capture_rng_state()["python"], "torch": torch.get_rng_state()})
 
 
-def test_nonfinite_check_names_term_epoch_step():
-    nonfinite_check({"id_fused": torch.tensor(1.0), "bcc": 0.5}, epoch=1, step=2)
-    terms = {"id_fused": torch.tensor(1.0), "bcc": torch.tensor(float("nan")), "ocfr": torch.tensor(float("inf"))}
-    with pytest.raises(NonFiniteLossError) as info:
-        nonfinite_check(terms, epoch=4, step=17)
-    message = str(info.value)
-    assert "'bcc'" in message and "'ocfr'" in message and "'id_fused'" not in message
-    assert "epoch 4" in message and "step 17" in message
-    assert set(info.value.terms) == {"bcc", "ocfr"} and info.value.epoch == 4 and info.value.step == 17
-    with pytest.raises(NonFiniteLossError, match="'total'"):
-        nonfinite_check({"total": float("-inf")}, epoch=0, step=0)
-    nonfinite_check({}, epoch=0, step=0)
-    assert ckpt.NonFiniteLossError is NonFiniteLossError
+def _parts(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = load_config(None, ["solver.max_epochs=5", "solver.warmup_iters=2"])
+    model, criterion = torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)
+    optimizer = build_optimizer(cfg, model)
+    return {"model": model, "criterion": criterion, "optimizer": optimizer,
+            "scheduler": build_scheduler(optimizer, cfg), "scaler": make_grad_scaler("cpu", "none"),
+            "sampler": RandomIdentitySampler([0, 0, 1, 1], 4, 2, seed=7)}
+
+
+def test_training_state_round_trip_restores_every_part(tmp_path):
+    parts = _parts(0)
+    parts["model"](torch.randn(4, 3)).sum().backward()
+    parts["optimizer"].step()
+    parts["scheduler"].step(3)
+    parts["sampler"].set_epoch(3)
+    state = ckpt.capture_training_state(**parts, progress={"epoch": 3}, config={"a": 1}, metrics_offset=42,
+                                        num_classes=2, num_cameras=1)
+    save_checkpoint(tmp_path / "last.pt", state)
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    ckpt.check_training_state(loaded, tmp_path / "last.pt")
+    fresh = _parts(1)
+    kept = ckpt.restore_training_state(loaded, **fresh)
+    assert kept["progress"] == {"epoch": 3} and kept["metrics_offset"] == 42 and kept["rng"] is not None
+    assert torch.equal(fresh["model"].weight, parts["model"].weight)
+    assert fresh["optimizer"].state_dict()["state"].keys() == parts["optimizer"].state_dict()["state"].keys()
+    assert [g["lr"] for g in fresh["optimizer"].param_groups] == [g["lr"] for g in parts["optimizer"].param_groups]
+    assert fresh["scheduler"].state_dict() == parts["scheduler"].state_dict()
+    assert fresh["sampler"].epoch == 3
+
+
+def test_check_training_state_refuses_other_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not an editor-reid training state"):
+        ckpt.check_training_state({"format": ckpt.WEIGHTS_FORMAT}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match="newer editor-reid"):
+        ckpt.check_training_state({"format": ckpt.STATE_FORMAT, "version": ckpt.CHECKPOINT_VERSION + 1}, "x.pt")
+    assert ckpt.is_editor_reid_checkpoint({"format": ckpt.WEIGHTS_FORMAT})
+    assert not ckpt.is_editor_reid_checkpoint({"model.weight": torch.zeros(1)})
+
+
+def test_training_state_of_the_earlier_schedule_layout_still_resumes():
+    """last.pt files written before the schedule became timm's: the schedule comes from the config."""
+    parts = _parts(0)
+    state = ckpt.capture_training_state(**parts, progress={"epoch": 1}, config={}, metrics_offset=0,
+                                        num_classes=2, num_cameras=1)
+    state["scheduler"] = {"t_initial": 5, "warmup_t": 2, "warmup_lr_init": 1e-5, "lr_min": 1e-6,
+                          "base_lrs": [1e-3, 2e-3], "last_epoch": 1}
+    fresh = _parts(1)
+    expected = fresh["scheduler"].state_dict()
+    ckpt.restore_training_state(state, **fresh)
+    assert fresh["scheduler"].state_dict() == expected

@@ -1,4 +1,4 @@
-"""MultiModalDataset (reading, strips, absent modalities, bad images) and the loaders."""
+"""MultiModalDataset: reading, strips, absent modalities, bad images (the loaders: test_loaders.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from PIL import Image
 from editor_reid.config import load_config
 from editor_reid.data.dataset import BadImageError, MultiModalDataset, read_image, read_sample_images
 from editor_reid.data.layouts import Sample, load_dataset
-from editor_reid.data.loaders import build_test_loader, build_train_loader, collate
 from editor_reid.data.synthetic import make_synthetic
 from editor_reid.data.transforms import build_transforms
 
@@ -76,11 +75,11 @@ def test_strip_is_cut_into_modalities(root):
         assert np.array_equal(np.asarray(images[m]), strip[:, 256 * i : 256 * (i + 1)])
 
 
-def test_absent_modalities_are_zero_after_normalisation(root):
+def test_absent_modalities_are_not_read(root):
     splits = load_dataset("rgbnt100", root)
     dataset = MultiModalDataset(splits.query, build_transforms(_cfg(), is_train=False), modalities=["TI"])
     item = dataset[0]
-    assert torch.count_nonzero(item["RGB"]) == 0 and torch.count_nonzero(item["NI"]) == 0
+    assert "RGB" not in item and "NI" not in item  # the model fills absent modalities (test_editor.py)
     full = MultiModalDataset(splits.query, build_transforms(_cfg(), is_train=False))[0]
     assert torch.equal(item["TI"], full["TI"])
     with pytest.raises(ValueError, match="subset"):
@@ -136,64 +135,3 @@ def test_narrow_strip_is_a_bad_image(tmp_path):
     sample = Sample(paths={m: str(path) for m in ("RGB", "NI", "TI")}, pid=1, camid=0, crop=256)
     with pytest.raises(BadImageError, match="768"):
         read_sample_images(sample)
-
-
-def test_train_loader_yields_pk_batches(root):
-    cfg = _cfg()
-    splits = load_dataset("rgbnt201", root)
-    loader, sampler = build_train_loader(cfg, splits)
-    sampler.set_epoch(0)
-    batches = list(loader)
-    assert len(batches) == len(loader) == len(sampler) // 8 > 0
-    for batch in batches:
-        assert batch["RGB"].shape == (8, 3, 32, 16)
-        assert batch["pid"].dtype == torch.long and batch["pid"].shape == (8,)
-        pids = batch["pid"].view(4, 2)
-        assert (pids == pids[:, :1]).all() and len(set(pids[:, 0].tolist())) == 4
-
-
-def test_distributed_train_loader_uses_the_rank_slice(root):
-    cfg = _cfg()
-    splits = load_dataset("rgbnt201", root)
-    global_loader, _ = build_train_loader(cfg, splits)
-    global_idx = [b["index"] for b in global_loader]
-    parts = [build_train_loader(cfg, splits, rank=r, world_size=2) for r in range(2)]
-    local = [[b["index"] for b in loader] for loader, _ in parts]
-    assert all(len(x) == len(global_idx) for x in local)
-    for g, a, b in zip(global_idx, *local):
-        assert a.shape == (4,) and torch.equal(torch.cat([a, b]), g)
-
-
-def test_test_loader_is_ordered_and_complete(root):
-    cfg = _cfg()
-    splits = load_dataset("rgbnt201", root)
-    loader = build_test_loader(cfg, splits.gallery)
-    indices = torch.cat([b["index"] for b in loader])
-    assert indices.tolist() == list(range(len(splits.gallery)))
-    camids = torch.cat([b["camid"] for b in loader])
-    assert camids.tolist() == [s.camid for s in splits.gallery]
-    ni_only = next(iter(build_test_loader(cfg, splits.gallery, modalities=["NI"])))
-    assert torch.count_nonzero(ni_only["RGB"]) == 0 and torch.count_nonzero(ni_only["NI"]) > 0
-
-
-def test_worker_loading_is_reproducible(root):
-    cfg = _cfg("dataloader.num_workers=1", "solver.seed=3")
-    splits = load_dataset("rgbnt201", root)
-
-    def first_batch():
-        loader, sampler = build_train_loader(cfg, splits)
-        sampler.set_epoch(1)
-        return next(iter(loader))
-
-    a, b = first_batch(), first_batch()
-    assert torch.equal(a["index"], b["index"]) and torch.equal(a["RGB"], b["RGB"])
-
-
-def test_collate_stacks_modalities():
-    items = [
-        {"RGB": torch.zeros(3, 4, 2), "NI": torch.ones(3, 4, 2), "TI": torch.zeros(3, 4, 2), "pid": i, "camid": 0, "sceneid": -1, "index": i}
-        for i in range(3)
-    ]
-    batch = collate(items)
-    assert batch["NI"].shape == (3, 3, 4, 2) and batch["index"].tolist() == [0, 1, 2]
-    assert batch["sceneid"].dtype == torch.long

@@ -259,12 +259,12 @@ def test_global_batch_must_split_evenly_over_ranks(caplog):
 
     from editor_reid.config import ConfigError
     from editor_reid.engine.distributed import DistContext
-    from editor_reid.engine.train import _check_world_size
+    from editor_reid.engine.distributed import check_world_size
 
     cfg = load_config(None, overrides=["solver.ims_per_batch=8", "dataloader.num_instance=4"])
     with pytest.raises(ConfigError, match="ims_per_batch=8"):
-        _check_world_size(cfg, DistContext(rank=0, world_size=3))
+        check_world_size(cfg, DistContext(rank=0, world_size=3))
     cfg.model.triplet_scope = "local"
     with caplog.at_level(logging.WARNING, logger="editor_reid"):
-        _check_world_size(cfg, DistContext(rank=0, world_size=4))  # 2 images per rank, K = 4
+        check_world_size(cfg, DistContext(rank=0, world_size=4))  # 2 images per rank, K = 4
     assert "splits identities" in caplog.text and "triplet_scope=local" in caplog.text

@@ -15,7 +15,8 @@ from editor_reid.data.loaders import build_test_loader
 from editor_reid.data.synthetic import make_synthetic
 from editor_reid.engine.checkpoint import load_checkpoint
 from editor_reid.engine.evaluate import load_weights, run_test
-from editor_reid.engine.inference import evaluate_model, extract_features, modality_subsets
+from editor_reid.engine.inference import evaluate_model, extract_features
+from editor_reid.modalities import modality_subsets
 from editor_reid.engine.train import train
 from editor_reid.model import build_model, to_official_state_dict
 

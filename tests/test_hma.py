@@ -11,7 +11,8 @@ from editor_reid.model.hma import HMA, MaskedBlock, gather_kept_tokens
 D, HEADS, N = 32, 4, 12
 
 
-# ----------------------------------------------------------------------- direct reference (spec §3)
+# ----------------------------------------------------------------------- direct reference
+# (docs/official-behaviour.md#hma)
 
 
 def ref_attention(attn, x, m):
@@ -57,7 +58,8 @@ def ref_hma(hma: HMA, tokens, mask):
 def make_hma(seed=0):
     torch.manual_seed(seed)
     hma = HMA(D, HEADS).eval()
-    with torch.no_grad():  # move norms off their constant init so parity is meaningful (spec §10.20)
+    # move norms off their constant init so parity is meaningful (docs/official-behaviour.md#quirk-patch-mean-divisor)
+    with torch.no_grad():
         for module in hma.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.normal_(1.0, 0.2)

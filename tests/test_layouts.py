@@ -57,6 +57,21 @@ def test_official_file_name_parsing(layout, name, expected):
     assert parse_file_name(layout, name) == expected
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_format_name_round_trips_through_the_parser(layout):
+    spec = LAYOUTS[layout]
+    scenes = (1, 42, 999) if spec.protocol == "same_scene" else (-1,)
+    names = set()
+    for pid in (1, 12, 600):
+        for camid in range(spec.max_cameras):
+            for sceneid in scenes:
+                for view in (0, 1, 7):
+                    name = spec.format_name(pid, camid, sceneid, view)
+                    assert parse_file_name(layout, name) == (pid, camid, sceneid), name
+                    names.add(name)
+    assert len(names) == 3 * spec.max_cameras * len(scenes) * 3  # views keep names apart
+
+
 @pytest.mark.parametrize(
     "layout, name",
     [
@@ -183,9 +198,11 @@ def test_statistics_table(tmp_path, capsys):
     assert [int(x) for x in train_row.split("|")[1:]] == [2, 3, 3]
 
 
-def test_known_train_stats_cover_all_layouts():
+def test_known_camera_counts_are_the_layouts_camera_ranges():
+    # `info` sizes the SIE camera embedding from these without the data; the parsers bound the
+    # camera ids by max_cameras. The two sources must agree for every layout.
     assert set(KNOWN_TRAIN_STATS) == set(LAYOUTS)
-    assert KNOWN_TRAIN_STATS["rgbnt201"] == (171, 4)
+    assert all(KNOWN_TRAIN_STATS[name][1] == layout.max_cameras for name, layout in LAYOUTS.items())
 
 
 # ----------------------------------------------------------------------------- generated trees

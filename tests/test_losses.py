@@ -1,4 +1,4 @@
-"""Losses (spec §4) against hand computations and the official formulations."""
+"""Losses (docs/official-behaviour.md#losses) against hand computations and the official formulations."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from editor_reid.config import load_config
 from editor_reid.losses import (
     LOSS_TERMS,
     EditorCriterion,
+    NonFiniteLossError,
     OCFRLoss,
     bcc_loss,
+    check_finite,
     cross_entropy_label_smooth,
     euclidean_dist,
     soft_margin_triplet,
@@ -229,7 +231,7 @@ def test_ocfr_gradient_flows_to_features_only():
 
 
 def _official_ocfr_step(centers, feat, labels, momentum):
-    """The official contiguous P x K formulation (OCFR.py, spec §4.4), as a reference."""
+    """The official contiguous P x K formulation (OCFR.py, docs/official-behaviour.md#loss-ocfr), as a reference."""
     f = feat / feat.norm(dim=1, keepdim=True)
     uniq = torch.unique(labels, sorted=True)
     for y in uniq.tolist():
@@ -438,3 +440,17 @@ def test_criterion_state_dict_carries_centres_and_loads_official():
     other = EditorCriterion(load_config(None), K, D)
     other.load_state_dict(crit.state_dict())
     assert torch.equal(other.ocfr.TI_centers, torch.ones(K, D))
+
+
+def test_check_finite_names_term_epoch_step():
+    check_finite({"id_fused": torch.tensor(1.0), "bcc": 0.5}, epoch=1, step=2)
+    terms = {"id_fused": torch.tensor(1.0), "bcc": torch.tensor(float("nan")), "ocfr": torch.tensor(float("inf"))}
+    with pytest.raises(NonFiniteLossError) as info:
+        check_finite(terms, epoch=4, step=17)
+    message = str(info.value)
+    assert "'bcc'" in message and "'ocfr'" in message and "'id_fused'" not in message
+    assert "epoch 4" in message and "step 17" in message
+    assert set(info.value.terms) == {"bcc", "ocfr"} and info.value.epoch == 4 and info.value.step == 17
+    with pytest.raises(NonFiniteLossError, match="'total'"):
+        check_finite({"total": float("-inf")}, epoch=0, step=0)
+    check_finite({}, epoch=0, step=0)

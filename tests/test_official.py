@@ -1,4 +1,5 @@
-"""Official EDITOR checkpoint layout (spec §8.2): export, import, round trip, errors."""
+"""Official EDITOR checkpoint layout (docs/official-behaviour.md#checkpoint-layout): export, import, round trip,
+errors."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from editor_reid.config import load_config
 from editor_reid.model import (
     OfficialCheckpointError,
     build_model,
+    is_official_state_dict,
     load_official_checkpoint,
     official_key,
+    official_model_sizes,
+    official_to_ours,
     to_official_state_dict,
 )
 
@@ -161,3 +165,40 @@ def test_official_key_mapping():
     assert official_key("backbone_bn.running_mean") == "BACKBONE_BN.running_mean"
     with pytest.raises(KeyError):
         official_key("something.else")
+
+
+def test_failed_load_leaves_the_model_untouched():
+    state, _ = official_checkpoint(tiny_model(seed=1))
+    state["module.FUSE_block.extra.weight"] = torch.zeros(1)
+    target = tiny_model(seed=2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(OfficialCheckpointError):
+        load_official_checkpoint(target, state)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+
+
+def test_official_to_ours_splits_weights_centres_and_ignored_keys():
+    model = tiny_model(al=0)
+    state, centers = official_checkpoint(tiny_model(al=1), prefix="")
+    state["FUSE_block.extra.weight"] = torch.zeros(1)
+    ours, centres, ignored = official_to_ours(state, model)
+    assert set(ours) == set(model.state_dict()) | {"FUSE_block.extra.weight"}  # unknown keys kept for the report
+    assert torch.equal(ours["hma.modal_blocks.NI.norm2.bias"], state["FUSE_block.normN_.bias"])
+    assert all(torch.equal(centres[m], centers[m]) for m in MODS)
+    assert {"AL_HEAD.weight", "FREQ_INDEX.DWT.h0_col", "FUSE_block.memory_cls.RGB_centers"} <= set(ignored)
+    assert not set(ignored) & set(ours)
+
+
+def test_official_state_dict_detection_and_sizes():
+    state, _ = official_checkpoint(tiny_model(num_classes=5, num_cameras=3))
+    assert next(iter(state)).startswith("module.")
+    assert is_official_state_dict(state)
+    assert is_official_state_dict({k[len("module."):]: v for k, v in state.items()})
+    assert is_official_state_dict({"FUSE_block.norm1.weight": torch.zeros(1)})
+    assert official_model_sizes(state) == (5, 3)
+    ours = tiny_model().state_dict()
+    assert not is_official_state_dict(ours) and official_model_sizes(ours) == (None, None)
+    assert not is_official_state_dict({}) and not is_official_state_dict(None) and not is_official_state_dict([1])
+    assert not is_official_state_dict({"BACKBONE_HEAD.weight": torch.zeros(1)})  # heads alone are not enough
+    assert official_model_sizes({"FUSE_HEAD.weight": torch.zeros(7, 4)}) == (7, None)
+    assert official_model_sizes({"module.BACKBONE.base.sie_embed": torch.zeros(6, 1, 4)}) == (None, 6)

@@ -1,7 +1,7 @@
 """The optimised EDITOR forward against a plain, direct implementation of the official computation.
 
-The reference below is written from the spec (§1-§3), independently of the model code: three
-separate backbone passes (one per modality) with the attention maps taken by a manual attention
+The reference below is written from the spec (docs/official-behaviour.md#backbone, #sfts, #hma), independently of the
+model code: three separate backbone passes (one per modality) with the attention maps taken by a manual attention
 loop over the timm block weights; the full-matrix per-head rollout ``A_L ··· A_1``; the literal
 frequency path with PyWavelets (4-level Haar DWT, mean of every band over the modalities, inverse
 DWT, mean over colour channels, pixels > 0 per patch); HMA over all 1+N (stage 1) and 3(1+N)
@@ -49,7 +49,8 @@ def make_model(size, seed=0, **overrides):
     torch.manual_seed(seed)
     model = build_model(cfg, num_classes=6, num_cameras=3)
     g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():  # LayerNorm affine parameters off their constant init (spec §10.20)
+    # LayerNorm affine parameters off their constant init (docs/official-behaviour.md#quirk-patch-mean-divisor)
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.LayerNorm):
                 module.weight.copy_(1.0 + 0.2 * torch.randn(module.weight.shape, generator=g))
@@ -145,8 +146,8 @@ def ref_editor(model, images, cams):
 def clear_inputs(model, size, batch=3, first_seed=0):
     """Random inputs whose selections have no exact or near ties at the top-k boundaries.
 
-    Ties are resolved by ``torch.topk`` in an implementation-defined way (spec §10.21), so the
-    inputs are drawn until every boundary has a clear gap: frequency counts differ, rollout
+    Ties are resolved by ``torch.topk`` in an implementation-defined way (docs/official-behaviour.md#known-quirks),
+    so the inputs are drawn until every boundary has a clear gap: frequency counts differ, rollout
     scores differ by more than 1e-4 relative.
     """
     for seed in range(first_seed, first_seed + 50):

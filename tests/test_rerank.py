@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from editor_reid.metrics import pairwise_distance, query_expansion, re_ranking
+from editor_reid.metrics import evaluate_rank, pairwise_distance, query_expansion, re_ranking
 
 
 def direct_re_ranking(q_g, q_q, g_g, k1, k2, lambda_value):
@@ -67,7 +67,7 @@ def direct_aqe(qf, gf, qe_k, alpha, qe_times=1):
 def _clustered(rng, n, ids, dim=8):
     centres = rng.standard_normal((ids, dim))
     labels = rng.integers(0, ids, n)
-    return (centres[labels] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32), labels
+    return (centres[labels] + 0.5 * rng.standard_normal((n, dim))).astype(np.float32)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,7 @@ def _clustered(rng, n, ids, dim=8):
 )
 def test_re_ranking_matches_direct(nq, ng, k1, k2, lam):
     rng = np.random.default_rng(nq * 100 + ng)
-    feats, _ = _clustered(rng, nq + ng, 4)
+    feats = _clustered(rng, nq + ng, 4)
     qf, gf = feats[:nq], feats[nq:]
     q_g = pairwise_distance(qf, gf).astype(np.float64)
     q_q = pairwise_distance(qf, qf).astype(np.float64)
@@ -97,7 +97,7 @@ def test_re_ranking_matches_direct(nq, ng, k1, k2, lam):
 
 def test_re_ranking_lambda_one_is_normalised_original():
     rng = np.random.default_rng(0)
-    feats, _ = _clustered(rng, 20, 3)
+    feats = _clustered(rng, 20, 3)
     qf, gf = feats[:5], feats[5:]
     q_g, q_q, g_g = (pairwise_distance(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf)))
     got = re_ranking(q_g, q_q, g_g, lambda_value=1.0)
@@ -113,22 +113,33 @@ def test_re_ranking_refuses_oversized_problem():
         re_ranking(q_g, q_q, np.zeros((4, 4)))
 
 
-def test_re_ranking_improves_a_clustered_retrieval():
-    # Sanity on semantics (not only on equality with the reference): on well-clustered data the
-    # re-ranked distances keep same-cluster pairs closer than different-cluster ones.
-    rng = np.random.default_rng(5)
-    feats, labels = _clustered(rng, 60, 4, dim=16)
-    qf, gf, ql, gl = feats[:10], feats[10:], labels[:10], labels[10:]
-    q_g, q_q, g_g = (pairwise_distance(a, b) for a, b in ((qf, gf), (qf, qf), (gf, gf)))
-    rr = re_ranking(q_g, q_q, g_g)
-    same = ql[:, None] == gl[None, :]
-    assert rr[same].mean() < rr[~same].mean()
+def test_re_ranking_demotes_a_near_neighbour_that_is_not_reciprocal():
+    # 1-D features. The query q = 0 is of identity A = {-1.05, -1.15, -1.28}, but the gallery item
+    # nearest to it, b1 = 1.0, is of the tight cluster B = {1.0, 1.1, 1.2, 1.3}. With k1 = 3, b1's
+    # own 4 nearest items are B, so b1 is no k-reciprocal neighbour of q, while q is among the
+    # 4 nearest of a1 = -1.05: q's encoding overlaps A's and not B's.
+    q = np.array([[0.0]], np.float32)
+    g = np.array([[1.0], [1.1], [1.2], [1.3], [-1.05], [-1.15], [-1.28]], np.float32)
+    g_pids, g_cams = [2, 2, 2, 2, 1, 1, 1], [1] * 7
+    q_g, q_q, g_g = (pairwise_distance(a, b, normalize=False) for a, b in ((q, g), (q, q), (g, g)))
+    before = evaluate_rank(q_g, [1], g_pids, [0], g_cams)
+    assert np.argmin(q_g[0]) == 0 and before["rank1"] == 0.0
+    assert before["mAP"] == pytest.approx((1 / 2 + 2 / 4 + 3 / 6) / 3)
+
+    rr = re_ranking(q_g, q_q, g_g, k1=3, k2=1, lambda_value=0.3)
+    assert np.argsort(rr[0], kind="stable").tolist() == [4, 5, 6, 0, 1, 2, 3]
+    # Jaccard distance 1 (nothing shared) for B, below 1 for A; q_g.max() normalises q's row.
+    no_overlap = 0.7 + 0.3 * q_g[0] / q_g.max()
+    np.testing.assert_allclose(rr[0, :4], no_overlap[:4], rtol=1e-6)
+    assert (rr[0, 4:] < no_overlap[4:] - 0.1).all()
+    after = evaluate_rank(rr, [1], g_pids, [0], g_cams)
+    assert after["rank1"] == 1.0 and after["mAP"] == 1.0
 
 
 @pytest.mark.parametrize("qe_k,alpha,times", [(5, 3.0, 1), (3, 1.0, 2), (4, 2.5, 1)])
 def test_query_expansion_matches_direct(qe_k, alpha, times):
     rng = np.random.default_rng(qe_k)
-    feats, _ = _clustered(rng, 23, 3)
+    feats = _clustered(rng, 23, 3)
     qf, gf = feats[:7], feats[7:]
     exp_q, exp_g = direct_aqe(qf, gf, qe_k, alpha, times)
     got_q, got_g = query_expansion(qf, gf, qe_k=qe_k, alpha=alpha, qe_times=times, chunk_size=5)

@@ -1,4 +1,5 @@
-"""Optimiser groups, the per-epoch warmup + cosine schedule (vs timm) and AMP helpers (spec §5)."""
+"""Optimiser groups, the per-epoch warmup + cosine schedule (timm's, against the official formula)
+and AMP helpers (docs/official-behaviour.md#training-recipe)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn as nn
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from editor_reid.config import load_config
-from editor_reid.engine.solver import WarmupCosineLR, autocast_context, build_optimizer, make_grad_scaler
+from editor_reid.engine.solver import autocast_context, build_optimizer, build_scheduler, make_grad_scaler
 from editor_reid.losses import EditorCriterion
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,11 +44,12 @@ def test_optimizer_groups_bias_lr_and_weight_decay():
     assert set(groups) == {"decay", "bias"}
     ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
     assert ids["bias"] == {id(model.norm.bias), id(model.head.bias)}
-    # weight decay on everything else, norms and tokens included (§10.16)
+    # weight decay on everything else, norms and tokens included
+    # (docs/official-behaviour.md#quirk-weight-decay-everywhere)
     assert ids["decay"] == {id(model.cls_token), id(model.pos_embed), id(model.norm.weight), id(model.head.weight)}
     assert groups["decay"]["lr"] == pytest.approx(1e-3)
     assert groups["bias"]["lr"] == pytest.approx(2e-3)
-    WarmupCosineLR(opt, cfg)  # like timm, construction applies the epoch-0 warmup LR to every group
+    build_scheduler(opt, cfg)  # construction applies the epoch-0 warmup LR to every group
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5, 1e-5])
     assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([1e-3, 2e-3])
     assert groups["bias"]["weight_decay"] == pytest.approx(1e-4)
@@ -90,77 +92,81 @@ def test_adamw_option_and_errors():
         build_optimizer(load_config(None), frozen)
 
 
-def _timm_lrs(cfg, model, epochs):
-    opt = build_optimizer(cfg, model)
+def _official_lr(cfg, base: float, epoch: int) -> float:
+    """The official schedule (timm's CosineLRScheduler with cycle_limit=1, no warmup prefix)."""
     s = cfg.solver
-    sched = CosineLRScheduler(
-        opt,
-        t_initial=s.max_epochs,
-        lr_min=s.base_lr * s.eta_min_factor,
-        warmup_t=s.warmup_iters,
-        warmup_lr_init=s.base_lr * s.warmup_factor,
-        cycle_limit=1,
-        t_in_epochs=True,
-    )
-    out = {0: [g["lr"] for g in opt.param_groups]}
-    for epoch in epochs:
-        sched.step(epoch)
-        out[epoch] = [g["lr"] for g in opt.param_groups]
-    return out
+    warmup_lr_init, lr_min = s.base_lr * s.warmup_factor, s.base_lr * s.eta_min_factor
+    if epoch < s.warmup_iters:
+        return warmup_lr_init + epoch * (base - warmup_lr_init) / s.warmup_iters
+    if epoch >= s.max_epochs:
+        return lr_min
+    return lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * epoch / s.max_epochs))
+
+
+def _lrs(opt) -> list[float]:
+    return [g["lr"] for g in opt.param_groups]
+
+
+def _lrs_at(sched, epoch: int) -> list[float]:
+    """The LR of every group at ``epoch``; timm's scheduler keeps no epoch, so any order works."""
+    sched.step(epoch)
+    return _lrs(sched.optimizer)
 
 
 @pytest.mark.parametrize("preset", ["rgbnt201", "msvr310"])
-def test_schedule_matches_timm_every_epoch(preset):
+def test_schedule_matches_official_formula_every_epoch(preset):
     cfg = load_config(CONFIGS / f"{preset}.yaml")
-    epochs = range(1, cfg.solver.max_epochs + 3)  # a couple past the end too
-    reference = _timm_lrs(cfg, Tiny(), epochs)
     opt = build_optimizer(cfg, Tiny())
-    sched = WarmupCosineLR(opt, cfg)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx(reference[0], rel=1e-12)
-    for epoch in epochs:
+    sched = build_scheduler(opt, cfg)
+    assert isinstance(sched, CosineLRScheduler)
+    bases = [g["initial_lr"] for g in opt.param_groups]
+    assert _lrs(opt) == pytest.approx([_official_lr(cfg, b, 0) for b in bases], rel=1e-12)
+    for epoch in range(1, cfg.solver.max_epochs + 3):  # a couple past the end too
         sched.step(epoch)
-        assert [g["lr"] for g in opt.param_groups] == pytest.approx(reference[epoch], rel=1e-12), epoch
-        assert sched.lr_at(epoch) == pytest.approx(reference[epoch], rel=1e-12)
+        assert _lrs(opt) == pytest.approx([_official_lr(cfg, b, epoch) for b in bases], rel=1e-12), epoch
 
 
 def test_rgbnt201_schedule_values():
     cfg = load_config(CONFIGS / "rgbnt201.yaml")
     opt = build_optimizer(cfg, Tiny())
-    sched = WarmupCosineLR(opt, cfg)
+    sched = build_scheduler(opt, cfg)
     names = [g["name"] for g in opt.param_groups]
     decay, bias = names.index("decay"), names.index("bias")
-    lr1 = sched.lr_at(1)
+    lr1 = _lrs_at(sched, 1)
     assert lr1[decay] == pytest.approx(1.09e-4, rel=1e-12)  # 1e-5 + 1 * (1e-3 - 1e-5) / 10
     assert lr1[bias] == pytest.approx(1e-5 + (2e-3 - 1e-5) / 10, rel=1e-12)  # bias warms up to 2e-3
-    assert sched.lr_at(9)[decay] == pytest.approx(1e-5 + 9 * (1e-3 - 1e-5) / 10)
+    assert _lrs_at(sched, 9)[decay] == pytest.approx(1e-5 + 9 * (1e-3 - 1e-5) / 10)
     t, T, lr_min = 10, 70, 1e-6
     cosine = 0.5 * (1 + math.cos(math.pi * t / T))
-    assert sched.lr_at(10)[decay] == pytest.approx(lr_min + (1e-3 - lr_min) * cosine, rel=1e-12)
-    assert sched.lr_at(10)[bias] == pytest.approx(lr_min + (2e-3 - lr_min) * cosine, rel=1e-12)
-    assert sched.lr_at(70) == pytest.approx([1e-6, 1e-6], rel=1e-12)
-    assert sched.lr_at(69)[decay] > 1e-6
+    assert _lrs_at(sched, 10)[decay] == pytest.approx(lr_min + (1e-3 - lr_min) * cosine, rel=1e-12)
+    assert _lrs_at(sched, 10)[bias] == pytest.approx(lr_min + (2e-3 - lr_min) * cosine, rel=1e-12)
+    assert _lrs_at(sched, 70) == pytest.approx([1e-6, 1e-6], rel=1e-12)
+    assert _lrs_at(sched, 69)[decay] > 1e-6
     sched.step(1)
     assert opt.param_groups[decay]["lr"] == pytest.approx(1.09e-4, rel=1e-12)
-    assert sched.get_last_lr()[bias] == pytest.approx(2.09e-4, rel=1e-12)
+    assert opt.param_groups[bias]["lr"] == pytest.approx(2.09e-4, rel=1e-12)
     with pytest.raises(ValueError, match="epoch"):
-        sched.lr_at(-1)
+        sched.step(-1)
 
 
 def test_msvr310_warmup_is_100_epochs():
     cfg = load_config(CONFIGS / "msvr310.yaml")
-    sched = WarmupCosineLR(build_optimizer(cfg, Tiny()), cfg)
+    sched = build_scheduler(build_optimizer(cfg, Tiny()), cfg)
     assert sched.warmup_t == 100 and sched.t_initial == 1000
-    assert sched.lr_at(1)[0] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 100, rel=1e-12)
-    assert sched.lr_at(99)[0] == pytest.approx(1e-5 + 99 * (1e-3 - 1e-5) / 100, rel=1e-12)
-    assert sched.lr_at(100)[0] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 0.1)), rel=1e-12)
-    assert sched.lr_at(1000)[0] == pytest.approx(1e-6)
+    assert _lrs_at(sched, 1)[0] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 100, rel=1e-12)
+    assert _lrs_at(sched, 99)[0] == pytest.approx(1e-5 + 99 * (1e-3 - 1e-5) / 100, rel=1e-12)
+    assert _lrs_at(sched, 100)[0] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 0.1)),
+                                                   rel=1e-12)
+    assert _lrs_at(sched, 1000)[0] == pytest.approx(1e-6)
 
 
 def test_no_warmup_starts_at_base():
     cfg = load_config(None, ["solver.warmup_iters=0", "solver.max_epochs=4"])
-    sched = WarmupCosineLR(build_optimizer(cfg, Tiny()), cfg)
-    assert sched.lr_at(0)[0] == pytest.approx(1e-3)
-    assert sched.lr_at(2)[0] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    opt = build_optimizer(cfg, Tiny())
+    sched = build_scheduler(opt, cfg)
+    assert _lrs(opt)[0] == pytest.approx(1e-3)  # construction, as epoch 0
+    assert _lrs_at(sched, 0)[0] == pytest.approx(1e-3)
+    assert _lrs_at(sched, 2)[0] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
 
 
 def test_scheduler_state_dict_round_trip_through_weights_only_file(tmp_path):
@@ -168,26 +174,40 @@ def test_scheduler_state_dict_round_trip_through_weights_only_file(tmp_path):
 
     cfg = load_config(CONFIGS / "rgbnt201.yaml")
     opt = build_optimizer(cfg, Tiny())
-    sched = WarmupCosineLR(opt, cfg)
+    sched = build_scheduler(opt, cfg)
     sched.step(23)
     save_checkpoint(tmp_path / "s.pth", {"scheduler": sched.state_dict(), "optimizer": opt.state_dict()})
     state = load_checkpoint(tmp_path / "s.pth")
-    opt2 = build_optimizer(load_config(CONFIGS / "rgbnt201.yaml", ["solver.base_lr=0.5"]), Tiny())
-    sched2 = WarmupCosineLR(opt2, load_config(CONFIGS / "rgbnt201.yaml", ["solver.base_lr=0.5"]))
+    other = load_config(CONFIGS / "rgbnt201.yaml", ["solver.base_lr=0.5"])
+    opt2 = build_optimizer(other, Tiny())
+    sched2 = build_scheduler(opt2, other)
+    # Resuming restores both: the LR of the epoch in progress lives in the optimiser's groups.
+    opt2.load_state_dict(state["optimizer"])
     sched2.load_state_dict(state["scheduler"])
-    assert sched2.last_epoch == 23
-    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr(), rel=1e-12)
+    assert sched2.state_dict() == sched.state_dict()
+    assert _lrs(opt2) == pytest.approx(_lrs(opt), rel=1e-12)
+    bases = [1e-3, 2e-3]  # the saved schedule, not base_lr=0.5
+    assert _lrs_at(sched2, 23) == pytest.approx([_official_lr(cfg, b, 23) for b in bases], rel=1e-12)
+    assert _lrs(opt2) == pytest.approx(_lrs(opt), rel=1e-12)
     sched2.step(24)
     sched.step(24)
-    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr(), rel=1e-12)
+    assert _lrs(opt2) == pytest.approx(_lrs(opt), rel=1e-12)
     with pytest.raises(KeyError, match="missing"):
         sched2.load_state_dict({"last_epoch": 3})
+    one_group = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    with pytest.raises(ValueError, match="param groups"):
+        build_scheduler(one_group, cfg).load_state_dict(state["scheduler"])
 
 
-def test_scheduler_rejects_bad_config():
-    cfg = load_config(None, ["solver.max_epochs=0"])
-    with pytest.raises(ValueError, match="solver.max_epochs"):
-        WarmupCosineLR(build_optimizer(cfg, Tiny()), cfg)
+@pytest.mark.parametrize("override, key", [
+    ("solver.max_epochs=0", "solver.max_epochs"),
+    ("solver.warmup_iters=-1", "solver.warmup_iters"),
+    ("solver.eta_min_factor=-0.1", "solver.eta_min_factor"),
+])
+def test_scheduler_rejects_bad_config(override, key):
+    cfg = load_config(None, [override])
+    with pytest.raises(ValueError, match=key):
+        build_scheduler(build_optimizer(cfg, Tiny()), cfg)
 
 
 def test_autocast_context_modes():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from editor_reid.cli import main
-from editor_reid.config import MODALITIES
+from editor_reid.modalities import MODALITIES
 from editor_reid.data.dataset import read_sample_images
 from editor_reid.data.layouts import LAYOUTS, load_dataset, split_statistics
 from editor_reid.data.synthetic import MARKER_FILE, load_mask, make_synthetic, mask_path_for

@@ -148,6 +148,15 @@ def test_invalid_mode():
         MultiModalTransform(SIZE, is_train=True, mode="shared")
 
 
-def test_erasing_uses_log_uniform_aspect():
-    erasing = RandomErasingPixel(probability=1.0)
-    assert erasing.log_aspect == pytest.approx((math.log(0.3), -math.log(0.3)))
+def test_erasing_aspect_is_log_uniform():
+    # timm's draw: log(h / w) uniform on [log 0.3, -log 0.3]. A uniform aspect on [0.3, 1 / 0.3]
+    # (older ReID code) would put the mean log aspect near 0.44 and most boxes in the top third.
+    erasing = RandomErasingPixel(probability=1.0, min_area=0.01, max_area=0.05)
+    torch.manual_seed(3)
+    boxes = [erasing.sample_box(1000, 1000) for _ in range(3000)]  # every such box fits at once
+    log_aspect = np.array([math.log(bh / bw) for _, _, bh, bw in boxes])
+    bound = -math.log(0.3)
+    assert abs(log_aspect.mean()) < 0.03
+    assert -bound - 0.01 < log_aspect.min() and log_aspect.max() < bound + 0.01
+    thirds = np.histogram(log_aspect, bins=3, range=(-bound, bound))[0] / len(boxes)
+    assert np.abs(thirds - 1 / 3).max() < 0.03

@@ -1,4 +1,8 @@
-"""The ``editor-reid`` command: parse arguments, then call the library. No logic lives here."""
+"""The ``editor-reid`` command: parse arguments, then call the library. No logic lives here.
+
+The subcommands import the library inside their functions: torch and the model take seconds
+to import, and ``editor-reid --help`` or a configuration error should not wait for them.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ import sys
 from pathlib import Path
 
 from editor_reid.config import ConfigError, load_config
+from editor_reid.data.layouts import DATASET_NAMES, LayoutError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-LAYOUTS = ("rgbnt201", "rgbnt100", "msvr310", "market1501mm")
 
 
 def resolve_config_path(value: str | None) -> Path | None:
@@ -80,12 +84,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg = load_config(saved, overrides=args.overrides)
     else:
         cfg = _load(args)
-    from editor_reid.engine.train import train, train_seeds
-
     if args.seeds:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        train_seeds(cfg, seeds)
+        from editor_reid.engine.sweep import train_seeds
+
+        train_seeds(cfg, [int(s) for s in args.seeds.split(",") if s.strip()])
     else:
+        from editor_reid.engine.train import train
+
         train(cfg, resume=args.resume)
     return 0
 
@@ -136,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("make-synthetic", help="write a synthetic dataset in a real layout")
-    p.add_argument("--layout", required=True, choices=LAYOUTS)
+    p.add_argument("--layout", required=True, choices=DATASET_NAMES)
     p.add_argument("--out", required=True, help="root directory (the dataset folder is created inside)")
     p.add_argument("--ids", type=int, default=100, help="number of identities")
     p.add_argument("--views", type=int, default=None, help="images per identity and camera")
@@ -144,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_make_synthetic)
 
     p = sub.add_parser("check-data", help="validate a dataset tree and print its statistics")
-    p.add_argument("--dataset", required=True, choices=LAYOUTS)
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--root", required=True, help="directory that contains the dataset folder")
     p.set_defaults(func=_cmd_check_data)
     return parser
@@ -163,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         from editor_reid.data.dataset import BadImageError
-        from editor_reid.data.layouts import LayoutError
-        from editor_reid.engine.checkpoint import NonFiniteLossError
+        from editor_reid.losses import NonFiniteLossError
 
         # A loss that turned NaN/inf stops the run with a clear message; the last good checkpoint stays.
         if isinstance(exc, NonFiniteLossError):

@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from editor_reid.data.layouts import DATASET_NAMES
+from editor_reid.modalities import MODALITIES
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -30,10 +33,11 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "dump_config",
-    "MODALITIES",
+    "AMP_CHOICES",
 ]
 
-MODALITIES = ("RGB", "NI", "TI")
+#: solver.amp: fp32, fp16 autocast with loss scaling (CUDA), bf16 autocast (CUDA or CPU).
+AMP_CHOICES = ("none", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -168,9 +172,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.triplet_scope": ("global", "local"),
     "model.ocfr_scope": ("global", "local"),
     "input.aug_mode": ("independent", "synchronized"),
-    "datasets.names": ("rgbnt201", "rgbnt100", "msvr310", "market1501mm"),
+    "datasets.names": DATASET_NAMES,
     "solver.optimizer_name": ("SGD", "AdamW"),
-    "solver.amp": ("none", "fp16", "bf16"),
+    "solver.amp": AMP_CHOICES,
     "test.distance": ("euclidean", "cosine"),
 }
 

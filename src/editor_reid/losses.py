@@ -1,8 +1,10 @@
-"""EDITOR training losses (spec §4): label-smoothed ID loss, batch-hard triplet, BCC and OCFR.
+"""EDITOR training losses: label-smoothed ID loss, batch-hard triplet, BCC and OCFR.
+
+Official behaviour followed: docs/official-behaviour.md#losses.
 
 Each loss is a plain function or a small module; :class:`EditorCriterion` combines them per
-supervision setting (AL=1 / AL=0, §4.5) from the model's training output. The criterion reads
-the output by attribute (duck typing), so this module does not import the model.
+supervision setting (AL=1 / AL=0, docs/official-behaviour.md#loss-total) from the model's training output. The
+criterion reads the output by attribute (duck typing), so this module does not import the model.
 
 All losses are computed in float32, whatever the autocast dtype of their inputs: distances,
 log-softmax and squared differences are where fp16 loses precision.
@@ -10,14 +12,16 @@ log-softmax and squared differences are where fp16 loses precision.
 
 from __future__ import annotations
 
+import math
 from itertools import combinations
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from editor_reid.config import MODALITIES
+from editor_reid.modalities import MODALITIES
 
 __all__ = [
     "cross_entropy_label_smooth",
@@ -29,6 +33,8 @@ __all__ = [
     "OCFRLoss",
     "EditorCriterion",
     "LOSS_TERMS",
+    "NonFiniteLossError",
+    "check_finite",
 ]
 
 # Keys of the per-term dict returned by EditorCriterion.forward, in logging order.
@@ -42,7 +48,7 @@ AllReduce = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 def cross_entropy_label_smooth(logits: torch.Tensor, targets: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
-    """Cross-entropy against (1-eps)*onehot + eps/K, averaged over the batch (§4.1).
+    """Cross-entropy against (1-eps)*onehot + eps/K, averaged over the batch (docs/official-behaviour.md#loss-id).
 
     ``logits`` [B, K], ``targets`` [B] class indices. ``eps=0`` is plain cross-entropy.
     """
@@ -57,7 +63,8 @@ def cross_entropy_label_smooth(logits: torch.Tensor, targets: torch.Tensor, eps:
 
 
 def euclidean_dist(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Pairwise Euclidean distances [M, N] = sqrt(clamp(|x|^2 + |y|^2 - 2 x.y, 1e-12)) (§4.2)."""
+    """Pairwise Euclidean distances [M, N] = sqrt(clamp(|x|^2 + |y|^2 - 2 x.y, 1e-12))
+    (docs/official-behaviour.md#loss-triplet)."""
     # Autocast would run the matmul in fp16, where |x|^2 + |y|^2 - 2 x.y cancels badly.
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = x.float()
@@ -85,7 +92,8 @@ def triplet_loss(
     margin: float | None = None,
     gather: Gather | None = None,
 ) -> torch.Tensor:
-    """Batch-hard triplet loss on (pre-BN, unnormalised) features ``feat`` [B, C] (§4.2).
+    """Batch-hard triplet loss on (pre-BN, unnormalised) features ``feat`` [B, C]
+    (docs/official-behaviour.md#loss-triplet).
 
     ``margin=None`` is the official soft margin, mean softplus(d_ap - d_an)
     (= log(1 + exp(-(d_an - d_ap)))); a number gives mean relu(d_ap - d_an + margin).
@@ -116,7 +124,7 @@ def soft_margin_triplet(feat: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def bcc_loss(tokens: Mapping[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """Background Consistency Constraint (§4.3).
+    """Background Consistency Constraint (docs/official-behaviour.md#loss-bcc).
 
     ``tokens``: modality -> backbone tokens after the final LN, [B, 1+N, D] (CLS first).
     ``mask``: [B, N] bool, True = selected (foreground, M_U). Background patch tokens are
@@ -144,7 +152,7 @@ def bcc_loss(tokens: Mapping[str, torch.Tensor], mask: torch.Tensor) -> torch.Te
 
 
 class OCFRLoss(nn.Module):
-    """Object-Centric Feature Refinement (§4.4) with EMA class centres per modality.
+    """Object-Centric Feature Refinement (docs/official-behaviour.md#loss-ocfr) with EMA class centres per modality.
 
     Buffers ``<modality>_centers`` [num_classes, dim] start at zero and travel in the state dict
     (never in the optimiser). In training mode each forward first updates the centres of the
@@ -194,8 +202,6 @@ class OCFRLoss(nn.Module):
         if callable(self.all_reduce):
             result = self.all_reduce(tensor)
             return tensor if result is None else result
-        import torch.distributed as dist
-
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.all_reduce)
         return tensor
 
@@ -254,7 +260,7 @@ class OCFRLoss(nn.Module):
 
 
 class EditorCriterion(nn.Module):
-    """The total EDITOR loss for one training output (§4.5).
+    """The total EDITOR loss for one training output (docs/official-behaviour.md#loss-total).
 
     AL=1: [CE(fused) + Tri(fused_feat)] + [CE(ori) + Tri(ori)] + BCC + OCFR.
     AL=0: [CE(fused) + Tri(fused_feat)] + sum_m [CE(s_m) + Tri(F_m cls)] + BCC + OCFR.
@@ -327,3 +333,33 @@ class EditorCriterion(nn.Module):
     def load_official_centers(self, centers: Mapping[str, torch.Tensor]) -> None:
         """Load OCFR centres from an official checkpoint; see :meth:`OCFRLoss.load_official_centers`."""
         self.ocfr.load_official_centers(centers)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite; names the term(s), epoch and step."""
+
+    def __init__(self, terms: dict[str, float], epoch: int, step: int) -> None:
+        self.terms = terms
+        self.epoch = epoch
+        self.step = step
+        listed = ", ".join(f"'{name}' = {value}" for name, value in terms.items())
+        super().__init__(f"non-finite loss at epoch {epoch}, step {step}: {listed}")
+
+
+def check_finite(terms: Mapping[str, torch.Tensor | float], epoch: int, step: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming every NaN/inf term (one device sync in all)."""
+    finite: dict[str, bool] = {}
+    tensors = {name: v for name, v in terms.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        flags = torch.stack([torch.isfinite(v.detach()).all().to(device) for v in tensors.values()])
+        finite.update(zip(tensors, flags.tolist()))
+    for name, value in terms.items():
+        if name not in tensors:
+            finite[name] = math.isfinite(float(value))
+    bad = {}
+    for name, value in terms.items():
+        if not finite[name]:
+            bad[name] = value.detach().float().cpu().tolist() if isinstance(value, torch.Tensor) else float(value)
+    if bad:
+        raise NonFiniteLossError(bad, epoch, step)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from editor_reid.config import MODALITIES
+from editor_reid.modalities import MODALITIES
 from editor_reid.data.layouts import Sample
 
 __all__ = ["BadImageError", "read_image", "read_sample_images", "MultiModalDataset"]
@@ -59,10 +59,11 @@ def read_sample_images(sample: Sample, modalities: Sequence[str] = MODALITIES) -
 
 
 class MultiModalDataset(Dataset):
-    """Samples -> ``{"RGB", "NI", "TI": Tensor[3, H, W], "pid", "camid", "sceneid", "index"}``.
+    """Samples -> ``{<modality>: Tensor[3, H, W] for each of modalities, "pid", "camid", "sceneid", "index"}``.
 
-    Only ``modalities`` are read and transformed; the others are zero tensors after
-    normalisation (missing-modality evaluation). A file that does not decode raises
+    Only ``modalities`` are read, transformed and returned; the model stands in for the others
+    (zero images after normalisation, see ``EDITOR``), so a missing modality is filled in one
+    place. A file that does not decode raises
     BadImageError naming it. With ``skip_bad_images`` the sample is instead replaced by the
     next readable sample of the same identity and ``num_skipped`` is incremented (in the
     process that read it: with DataLoader workers, each worker keeps its own count; every skip
@@ -95,9 +96,7 @@ class MultiModalDataset(Dataset):
         return len(self.samples)
 
     def _load(self, index: int) -> dict[str, torch.Tensor]:
-        tensors = self.transform(read_sample_images(self.samples[index], self.modalities))
-        reference = next(iter(tensors.values()))
-        return {m: tensors[m] if m in tensors else torch.zeros_like(reference) for m in MODALITIES}
+        return self.transform(read_sample_images(self.samples[index], self.modalities))
 
     def _load_replacement(self, index: int, error: BadImageError) -> tuple[int, dict[str, torch.Tensor]]:
         """The next readable sample of the same pid, trying each candidate at most once."""

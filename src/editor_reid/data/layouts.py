@@ -1,7 +1,8 @@
-"""Dataset layouts on disk and their file-name parsing (spec §6.1).
+"""Dataset layouts on disk and their file-name parsing (docs/official-behaviour.md#dataset-layouts).
 
 One parser per benchmark, each reading the directory tree and file names exactly as the
-official EDITOR loaders do, so a model trained here sees the same identities and cameras:
+official EDITOR loaders do, so a model trained here sees the same identities and cameras (beside
+each parser, its inverse ``format_name`` writes such names for the synthetic data):
 
 ========== ========================================================== ==========================
 name       tree under ``root``                                        example file name
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from editor_reid.config import MODALITIES
+from editor_reid.modalities import MODALITIES
 
 __all__ = [
     "Sample",
@@ -38,6 +39,7 @@ __all__ = [
     "LayoutError",
     "Layout",
     "LAYOUTS",
+    "DATASET_NAMES",
     "KNOWN_TRAIN_STATS",
     "STRIP_WIDTH",
     "load_dataset",
@@ -96,12 +98,20 @@ class DatasetSplits:
 # A parsed name: (pid, camid, sceneid), or None for a junk image the official code skips.
 ParsedName = tuple[int, int, int] | None
 
+# Each parser has a formatter beside it: the inverse, used to write synthetic data. It takes
+# (pid, camid, sceneid, view) with the 0-based camid the parser returns; ``view`` numbers the
+# images of one (pid, scene, camera) and only has to keep their names apart.
+
 
 def _parse_rgbnt201(name: str) -> ParsedName:
     tokens = name.split("_")
     pid = int(tokens[0][0:6])
     camid = int(tokens[1][3]) - 1  # "cam3" -> 2
     return pid, camid, -1
+
+
+def _format_rgbnt201(pid: int, camid: int, sceneid: int, view: int) -> str:
+    return f"{pid:06d}_cam{camid + 1}_0_{view:02d}.jpg"
 
 
 _RGBNT100_PATTERN = re.compile(r"([-\d]+)_c([-\d]+)")
@@ -117,9 +127,17 @@ def _parse_rgbnt100(name: str) -> ParsedName:
     return pid, camid - 1, -1
 
 
+def _format_rgbnt100(pid: int, camid: int, sceneid: int, view: int) -> str:
+    return f"{pid:04d}_c{camid + 1:03d}_{view:06d}.jpg"
+
+
 def _parse_msvr310(name: str) -> ParsedName:
     # Fixed character positions; the camera id is already 0-based and is not decremented.
     return int(name[0:4]), int(name[11]), int(name[6:9])
+
+
+def _format_msvr310(pid: int, camid: int, sceneid: int, view: int) -> str:
+    return f"{pid:04d}_s{sceneid:03d}_v{camid}_{view:03d}.jpg"
 
 
 def _parse_market(name: str) -> ParsedName:
@@ -128,6 +146,10 @@ def _parse_market(name: str) -> ParsedName:
     if pid == -1:
         return None
     return pid, int(tokens[1][1]) - 1, -1  # "c3s1" -> 2
+
+
+def _format_market(pid: int, camid: int, sceneid: int, view: int) -> str:
+    return f"{pid:04d}_c{camid + 1}s1_{100 * (view + 1):06d}_{view:02d}.jpg"
 
 
 @dataclass(frozen=True)
@@ -142,6 +164,7 @@ class Layout:
     protocol: str
     max_cameras: int  # camera ids must lie in [0, max_cameras)
     parse: Callable[[str], ParsedName]
+    format_name: Callable[[int, int, int, int], str]  # (pid, camid, sceneid, view) -> a name ``parse`` reads back
     example: str  # a well-formed file name, quoted in error messages
     pattern: str  # human-readable description of the name format
 
@@ -149,6 +172,12 @@ class Layout:
     def dataset_folder(self) -> str:
         """The top-level directory under the root (``RGBNT100`` for ``RGBNT100/rgbir``)."""
         return self.folder.split("/")[0]
+
+    def image_key(self, pid: int, camid: int, sceneid: int, view: int) -> str:
+        """Where ``format_name``'s file goes under a split's modality level, as a ``scan_split``
+        key: the name, inside its 4-digit vehicle folder for per-identity layouts."""
+        name = self.format_name(pid, camid, sceneid, view)
+        return f"{pid:04d}/{name}" if self.per_identity_folders else name
 
 
 _PAIRED = {m: m for m in MODALITIES}
@@ -163,6 +192,7 @@ LAYOUTS: dict[str, Layout] = {
         protocol="same_camera",
         max_cameras=4,
         parse=_parse_rgbnt201,
+        format_name=_format_rgbnt201,
         example="000012_cam3_0_02.jpg",
         pattern="<6-digit pid>_cam<1-4>_...jpg",
     ),
@@ -175,6 +205,7 @@ LAYOUTS: dict[str, Layout] = {
         protocol="same_camera",
         max_cameras=8,
         parse=_parse_rgbnt100,
+        format_name=_format_rgbnt100,
         example="0012_c003_000004.jpg",
         pattern="<pid>_c<camera 1-8>...jpg (regex ([-\\d]+)_c([-\\d]+))",
     ),
@@ -187,6 +218,7 @@ LAYOUTS: dict[str, Layout] = {
         protocol="same_scene",
         max_cameras=8,
         parse=_parse_msvr310,
+        format_name=_format_msvr310,
         example="0012_s004_v3_001.jpg",
         pattern="name[0:4] = vehicle id, name[6:9] = scene id, name[11] = camera 0-7",
     ),
@@ -199,10 +231,15 @@ LAYOUTS: dict[str, Layout] = {
         protocol="same_camera",
         max_cameras=6,
         parse=_parse_market,
+        format_name=_format_market,
         example="0012_c3s1_000451_00.jpg",
         pattern="<pid or -1>_c<camera 1-6>s<seq>_...jpg",
     ),
 }
+
+
+#: The dataset names accepted wherever a layout is named (``datasets.names``, ``--layout``, ``--dataset``).
+DATASET_NAMES = tuple(LAYOUTS)
 
 
 def get_layout(name: str) -> Layout:

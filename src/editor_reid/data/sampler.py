@@ -1,4 +1,4 @@
-"""P×K identity sampling (spec §5, ``RandomIdentitySampler``).
+"""P×K identity sampling (``RandomIdentitySampler``, docs/official-behaviour.md#training-recipe).
 
 Each epoch: every identity's indices are shuffled and cut into chunks of K (an identity with
 fewer than K images is first sampled with replacement up to K; a trailing partial chunk is

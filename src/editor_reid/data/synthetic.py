@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from editor_reid.config import MODALITIES
-from editor_reid.data.layouts import LAYOUTS, STRIP_WIDTH, Sample, get_layout
+from editor_reid.modalities import MODALITIES
+from editor_reid.data.layouts import LAYOUTS, STRIP_WIDTH, Layout, Sample, get_layout
 
 __all__ = ["make_synthetic", "mask_path_for", "load_mask", "MARKER_FILE", "DEFAULT_VIEWS"]
 
@@ -282,12 +282,15 @@ def _background(cam: _Camera, size: tuple[int, int], rng: np.random.Generator):
     return rgb, ni, temp
 
 
-def _render(kind: str, ident: _Identity, cam: _Camera, size: tuple[int, int], rng: np.random.Generator, *, empty=False):
-    """One multi-modal view: (RGB, NI, TI) uint8 [H, W, 3] images and the bool object mask."""
+def _render(kind: str, ident: _Identity | None, cam: _Camera, size: tuple[int, int], rng: np.random.Generator):
+    """One multi-modal view: (RGB, NI, TI) uint8 [H, W, 3] images and the bool object mask.
+
+    ``ident`` None renders the background alone (an empty mask).
+    """
     h, w = size
     rgb, ni, temp = _background(cam, size, rng)
     mask = np.zeros(size, dtype=bool)
-    if not empty:
+    if ident is not None:
         parts = _draw_person(ident, rng) if kind == "person" else _draw_vehicle(ident, rng)
         textured = _TORSO if kind == "person" else _BODY
         accent = (parts == textured) & _texture(ident, parts.shape)
@@ -370,15 +373,22 @@ def _plan(layout: str, ids: int, views: int, num_cams: int, rng: np.random.Gener
     return shots
 
 
-def _file_name(layout: str, shot: _Shot) -> str:
-    pid, cam, n = shot.pid, shot.camid, shot.view
-    if layout == "rgbnt201":
-        return f"{pid:06d}_cam{cam + 1}_0_{n:02d}.jpg"
-    if layout == "rgbnt100":
-        return f"{pid:04d}_c{cam + 1:03d}_{n:06d}.jpg"
-    if layout == "msvr310":
-        return f"{pid:04d}/{pid:04d}_s{shot.sceneid:03d}_v{cam}_{n:03d}.jpg"
-    return f"{pid:04d}_c{cam + 1}s1_{100 * (n + 1):06d}_{n:02d}.jpg"
+def _split_counts(shots: list[_Shot]) -> dict[str, dict[str, int]]:
+    """Identities, images and cameras per split, as ``split_statistics`` will read them back."""
+    counts: dict[str, dict[str, set | int]] = defaultdict(lambda: {"ids": set(), "images": 0, "cameras": set()})
+    for shot in shots:
+        for split in ("query", "gallery") if shot.split == "test" else (shot.split,):
+            counts[split]["ids"].add(shot.pid)
+            counts[split]["images"] += 1
+            counts[split]["cameras"].add(shot.camid)
+    return {
+        split: {
+            "ids": len(counts[split]["ids"]),
+            "images": int(counts[split]["images"]),
+            "cameras": len(counts[split]["cameras"]),
+        }
+        for split in ("train", "query", "gallery")
+    }
 
 
 def _split_dir(layout: str, split: str) -> str:
@@ -419,6 +429,32 @@ def _save(image: np.ndarray, path: Path, mask: np.ndarray, mask_path: Path) -> N
     mask_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path, quality=_JPEG_QUALITY)
     Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+
+
+def _write_view(
+    spec: Layout, split_dir: Path, key: str, images: tuple[np.ndarray, ...], mask: np.ndarray
+) -> None:
+    """Save one rendered (RGB, NI, TI) view and its masks at a ``scan_split`` key of ``split_dir``."""
+    if spec.modality_dirs is None:  # one R|N|T strip and a strip mask
+        strip = np.concatenate(images, axis=1)
+        path = split_dir / key
+        _save(strip, path, np.concatenate([mask] * 3, axis=1), mask_path_for(path))
+        return
+    group, _, file_name = key.rpartition("/")
+    for modality, image in zip(MODALITIES, images):
+        path = split_dir / group / spec.modality_dirs[modality] / file_name
+        _save(image, path, mask, mask_path_for(path))
+
+
+def _write_market_junk(base: Path, kind: str, size: tuple[int, int], cameras: list[_Camera], seed: int) -> int:
+    """Two empty-scene gallery images named like Market-1501's junk (pid ``-1``), which the
+    parser must skip; returns their number."""
+    spec = get_layout("market1501mm")
+    for j in range(2):
+        junk_rng = np.random.default_rng([seed, 4, j])
+        *images, mask = _render(kind, None, cameras[j], size, junk_rng)
+        _write_view(spec, base / spec.splits["gallery"], f"-1_c{j + 1}s1_{j:06d}_00.jpg", tuple(images), mask)
+    return 2
 
 
 def _prepare_output(out: Path, folder: str) -> tuple[Path, Path]:
@@ -462,41 +498,18 @@ def make_synthetic(
     data_root, mask_root = _prepare_output(out, spec.dataset_folder)
     base = out / spec.folder
 
-    rng = np.random.default_rng(seed)
-    shots = _plan(layout, ids, views, num_cams, rng)
+    # Every identity, camera and image draws from its own seeded generator, so the files do not
+    # depend on the order in which they are written.
+    shots = _plan(layout, ids, views, num_cams, np.random.default_rng(seed))
     cameras = [_make_camera(np.random.default_rng([seed, 1, c]), c) for c in range(num_cams)]
-    identities: dict[int, _Identity] = {}
-    counts: dict[str, dict[str, set | int]] = defaultdict(lambda: {"ids": set(), "images": 0, "cameras": set()})
-
-    def write(split_dir: Path, name: str, views_: tuple[np.ndarray, ...], mask: np.ndarray) -> None:
-        if spec.modality_dirs is None:  # one R|N|T strip and a strip mask
-            strip = np.concatenate(views_, axis=1)
-            path = split_dir / name
-            _save(strip, path, np.concatenate([mask] * 3, axis=1), mask_path_for(path))
-            return
-        group, _, file_name = name.rpartition("/")
-        for modality, image in zip(MODALITIES, views_):
-            path = split_dir / group / spec.modality_dirs[modality] / file_name
-            _save(image, path, mask, mask_path_for(path))
-
+    pids = {shot.pid for shot in shots}
+    identities = {pid: _make_identity(kind, np.random.default_rng([seed, 2, pid])) for pid in pids}
     for shot in shots:
-        if shot.pid not in identities:
-            identities[shot.pid] = _make_identity(kind, np.random.default_rng([seed, 2, shot.pid]))
         image_rng = np.random.default_rng([seed, 3, shot.pid, shot.camid, shot.sceneid + 1, shot.view])
         *images, mask = _render(kind, identities[shot.pid], cameras[shot.camid], size, image_rng)
-        write(base / _split_dir(layout, shot.split), _file_name(layout, shot), tuple(images), mask)
-        for split in ("query", "gallery") if shot.split == "test" else (shot.split,):
-            counts[split]["ids"].add(shot.pid)
-            counts[split]["images"] += 1
-            counts[split]["cameras"].add(shot.camid)
-
-    junk = 0
-    if layout == "market1501mm":
-        for j in range(2):
-            junk_rng = np.random.default_rng([seed, 4, j])
-            *images, mask = _render(kind, identities[1], cameras[j], size, junk_rng, empty=True)
-            write(base / spec.splits["gallery"], f"-1_c{j + 1}s1_{j:06d}_00.jpg", tuple(images), mask)
-            junk += 1
+        key = spec.image_key(shot.pid, shot.camid, shot.sceneid, shot.view)
+        _write_view(spec, base / _split_dir(layout, shot.split), key, tuple(images), mask)
+    junk = _write_market_junk(base, kind, size, cameras, seed) if layout == "market1501mm" else 0
 
     summary = {
         "layout": layout,
@@ -508,14 +521,7 @@ def make_synthetic(
         "seed": seed,
         "image_size": list(size),
         "junk_images": junk,
-        "splits": {
-            split: {
-                "ids": len(counts[split]["ids"]),
-                "images": int(counts[split]["images"]),
-                "cameras": len(counts[split]["cameras"]),
-            }
-            for split in ("train", "query", "gallery")
-        },
+        "splits": _split_counts(shots),
     }
     (data_root / MARKER_FILE).write_text(json.dumps(summary, indent=2))
     return summary

@@ -1,4 +1,4 @@
-"""Image transforms for multi-modal samples (spec §5.1).
+"""Image transforms for multi-modal samples (docs/official-behaviour.md#augmentation).
 
 Train: Resize (bicubic) -> horizontal flip (p = ``input.prob``) -> Pad (zeros) -> RandomCrop
 -> ToTensor -> Normalize -> RandomErasing in pixel mode (p = ``input.re_prob``).
@@ -7,7 +7,7 @@ Test: Resize (bilinear, the official default) -> ToTensor -> Normalize.
 ``input.aug_mode`` chooses how the three modalities draw their randomness:
 
 - ``independent`` (official): each modality draws its own flip, crop offset and erasing box,
-  so a training triplet is spatially misaligned (spec §10.2);
+  so a training triplet is spatially misaligned (docs/official-behaviour.md#quirk-unsynchronised-augmentation);
 - ``synchronized``: one draw of flip, crop offset and erasing box is shared by all modalities,
   keeping same-position tokens aligned for the shared token mask and BCC. The noise that
   fills the erased box is still drawn per modality; only the geometry is shared.

@@ -1,14 +1,39 @@
-"""Optional ``torch.compile`` of the model: an engine concern, so the model itself stays free of logging."""
+"""Device-level execution settings of a run: optional ``torch.compile`` and deterministic kernels.
+
+An engine concern, so the model itself stays free of logging and global switches.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["maybe_compile"]
+__all__ = ["maybe_compile", "determinism"]
+
+
+@contextlib.contextmanager
+def determinism(enabled: bool, device: torch.device) -> Iterator[None]:
+    """Deterministic kernels inside the block when ``enabled`` (solver.deterministic); the previous
+    setting is restored on exit."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    if enabled:
+        if device.type == "cuda":
+            # cuBLAS needs a fixed workspace for deterministic GEMMs; set before the first CUDA GEMM.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def maybe_compile(model: nn.Module, cfg) -> nn.Module:
@@ -22,7 +47,7 @@ def maybe_compile(model: nn.Module, cfg) -> nn.Module:
     selection's data-dependent shapes are graph breaks; Dynamo marks the kept-token dimension
     dynamic after the first recompilation.
     """
-    if not getattr(cfg.model, "compile", False):
+    if not cfg.model.compile:
         return model
     param = next(model.parameters(), None)
     device = param.device.type if param is not None else "cpu"

@@ -1,4 +1,12 @@
-"""Checkpoint files: atomic saving, safe loading, RNG state capture, non-finite loss checks.
+"""Checkpoint files: their schema, atomic saving, safe loading, training-state capture and restore.
+
+Two formats, told apart by the ``format`` entry:
+
+* ``editor-reid/train-state`` (``checkpoints/last.pt``): everything a resumed run needs: model,
+  criterion (OCFR centres), optimiser, scheduler, gradient scaler, sampler, RNG states, progress
+  counters, the metrics-log offset, the config and the train-set sizes;
+* ``editor-reid/weights`` (``best.pt``, ``epoch_<n>.pt``): model and criterion weights, the epoch,
+  its evaluation metrics, the config and the train-set sizes.
 
 A checkpoint is a plain dict of tensors, numbers, strings, None, lists, tuples and dicts, so
 that ``torch.load(weights_only=True)`` reads it without executing pickled code. Saving writes
@@ -10,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import pickle
 import random
@@ -23,33 +30,32 @@ import numpy as np
 import torch
 
 __all__ = [
+    "STATE_FORMAT",
+    "WEIGHTS_FORMAT",
+    "CHECKPOINT_VERSION",
     "CheckpointError",
-    "NonFiniteLossError",
+    "weights_payload",
+    "capture_training_state",
+    "restore_training_state",
+    "check_training_state",
+    "is_editor_reid_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
-    "nonfinite_check",
 ]
 
 log = logging.getLogger(__name__)
+
+STATE_FORMAT = "editor-reid/train-state"
+WEIGHTS_FORMAT = "editor-reid/weights"
+CHECKPOINT_VERSION = 1
 
 _SAFE_LEAVES = (torch.Tensor, bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read safely."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or infinite; names the term(s), epoch and step."""
-
-    def __init__(self, terms: dict[str, float], epoch: int, step: int) -> None:
-        self.terms = terms
-        self.epoch = epoch
-        self.step = step
-        listed = ", ".join(f"'{name}' = {value}" for name, value in terms.items())
-        super().__init__(f"non-finite loss at epoch {epoch}, step {step}: {listed}")
 
 
 def _check_storable(value: Any, where: str) -> None:
@@ -192,20 +198,75 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
                 torch.cuda.set_rng_state(cuda_states[index].cpu().to(torch.uint8), index)
 
 
-def nonfinite_check(terms: Mapping[str, torch.Tensor | float], epoch: int, step: int) -> None:
-    """Raise :class:`NonFiniteLossError` naming every NaN/inf term (one device sync in all)."""
-    finite: dict[str, bool] = {}
-    tensors = {name: v for name, v in terms.items() if isinstance(v, torch.Tensor)}
-    if tensors:
-        device = next(iter(tensors.values())).device
-        flags = torch.stack([torch.isfinite(v.detach()).all().to(device) for v in tensors.values()])
-        finite.update(zip(tensors, flags.tolist()))
-    for name, value in terms.items():
-        if name not in tensors:
-            finite[name] = math.isfinite(float(value))
-    bad = {}
-    for name, value in terms.items():
-        if not finite[name]:
-            bad[name] = value.detach().float().cpu().tolist() if isinstance(value, torch.Tensor) else float(value)
-    if bad:
-        raise NonFiniteLossError(bad, epoch, step)
+# ------------------------------------------------------------------------------------ schema
+
+
+def is_editor_reid_checkpoint(state: Any) -> bool:
+    """True for a file written by editor-reid (training state or weights)."""
+    return isinstance(state, Mapping) and state.get("format") in (STATE_FORMAT, WEIGHTS_FORMAT)
+
+
+def weights_payload(model_state: Mapping[str, torch.Tensor], criterion_state: Mapping[str, torch.Tensor], *,
+                    config: dict, epoch: int, metrics: dict | None, num_classes: int, num_cameras: int) -> dict:
+    """The ``editor-reid/weights`` dict: what ``test`` and deployment need, no optimiser state."""
+    return {
+        "format": WEIGHTS_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "epoch": epoch,
+        "metrics": metrics,
+        "model": dict(model_state),
+        "criterion": dict(criterion_state),
+        "config": config,
+        "num_classes": num_classes,
+        "num_cameras": num_cameras,
+    }
+
+
+def capture_training_state(*, model, criterion, optimizer, scheduler, scaler, sampler, progress: dict,
+                           config: dict, metrics_offset: int, num_classes: int, num_cameras: int) -> dict:
+    """The ``editor-reid/train-state`` dict of a run, RNG states included (taken now)."""
+    return {
+        "format": STATE_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": model.state_dict(),
+        "criterion": criterion.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "sampler": sampler.state_dict(),
+        "rng": capture_rng_state(),
+        "progress": progress,
+        "config": config,
+        "metrics_offset": metrics_offset,
+        "num_classes": num_classes,
+        "num_cameras": num_cameras,
+    }
+
+
+def check_training_state(state: Any, path: str | os.PathLike) -> None:
+    """Raise CheckpointError unless ``state`` is a training state this version can resume."""
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"'{path}' is not an editor-reid training state (expected format '{STATE_FORMAT}')")
+    if state.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"'{path}' was written by a newer editor-reid (checkpoint version {state['version']}, "
+                              f"this one reads up to {CHECKPOINT_VERSION})")
+
+
+def restore_training_state(state: Mapping[str, Any], *, model, criterion, optimizer, scheduler, scaler,
+                           sampler) -> dict:
+    """Load a checked training state into the run's parts; returns what the loop itself keeps:
+    ``{"progress": dict, "rng": dict | None, "metrics_offset": int | None}``. The RNG states are
+    returned, not applied: a mid-epoch resume applies them after replaying the loader."""
+    model.load_state_dict(state["model"])
+    criterion.load_state_dict(state["criterion"])
+    optimizer.load_state_dict(state["optimizer"])
+    if "base_lrs" in state["scheduler"]:
+        # Written before the schedule was timm's CosineLRScheduler: the same schedule under other
+        # field names, which the scheduler built from the run's config already holds.
+        log.info("training state from an earlier editor-reid: the LR schedule is rebuilt from the run's config")
+    else:
+        scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    sampler.load_state_dict(state["sampler"])
+    return {"progress": dict(state["progress"]), "rng": state.get("rng"), "metrics_offset": state.get("metrics_offset")}

@@ -15,11 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 import editor_reid
 from editor_reid.config import Config, load_config
-from editor_reid.engine.inference import METRIC_KEYS
+from editor_reid.data.layouts import load_dataset
+from editor_reid.data.loaders import build_test_loader, seed_everything
+from editor_reid.data.synthetic import load_mask, make_synthetic
+from editor_reid.engine.evaluate import load_weights
 from editor_reid.engine.logging_utils import ensure_console_log
+from editor_reid.engine.tables import format_metrics_table
+from editor_reid.engine.train import train
 from editor_reid.engine.visualize import (
     OBJECT_PATCH_THRESHOLD,
     patch_object_fraction,
@@ -27,6 +33,7 @@ from editor_reid.engine.visualize import (
     tensor_to_image,
     token_object_overlap,
 )
+from editor_reid.model import build_model
 
 __all__ = ["run_demo", "demo_config", "DEMO_IDS", "DEMO_PRESET"]
 
@@ -63,9 +70,6 @@ def _clear_previous_run(run_dir: Path) -> None:
 @torch.no_grad()
 def token_selection_report(cfg: Config, model, splits, out_png: Path, seed: int) -> dict:
     """Token masks over the test images: picture of a few samples + object-overlap statistics."""
-    from editor_reid.data.loaders import build_test_loader
-    from editor_reid.data.synthetic import load_mask
-
     model.eval()
     grid = tuple(model.grid_size)
     size = tuple(cfg.input.size_test)  # H, W
@@ -103,16 +107,10 @@ def token_selection_report(cfg: Config, model, splits, out_png: Path, seed: int)
 
 
 def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
     h, w = size
     if mask.shape == (h, w):
         return mask
     return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
-
-
-def _row(name: str, metrics: dict) -> str:
-    return f"{name:<10}" + "".join(f"{100 * metrics[k]:>8.1f}" for k in METRIC_KEYS)
 
 
 def run_demo(out: str | Path, seed: int = 1111, json_out: str | Path | None = None, epochs: int | None = None, *,
@@ -136,12 +134,6 @@ def run_demo(out: str | Path, seed: int = 1111, json_out: str | Path | None = No
 
 
 def _run_demo(out: Path, seed: int, json_out, epochs, ids: int, views: int, overrides, quiet: bool) -> dict:
-    from editor_reid.data.layouts import load_dataset
-    from editor_reid.data.synthetic import make_synthetic
-    from editor_reid.engine.evaluate import load_weights
-    from editor_reid.engine.train import seed_everything, train
-    from editor_reid.model import build_model
-
     started = time.perf_counter()
     cfg = demo_config(out, seed, epochs, overrides)
     run_dir = Path(cfg.output_dir)
@@ -184,9 +176,7 @@ def _run_demo(out: Path, seed: int, json_out, epochs, ids: int, views: int, over
               f"{splits.num_train_pids} train IDs; tiny EDITOR "
               f"(ViT dim {cfg.model.embed_dim}, depth {cfg.model.depth}, {cfg.input.size_train[0]}x"
               f"{cfg.input.size_train[1]}) trained {result['epochs']} epochs on CPU (1 thread), seed {seed}")
-        print(f"{'':<10}" + "".join(f"{name:>8}" for name in ("mAP", "R-1", "R-5", "R-10", "mINP")))
-        print(_row("untrained", untrained))
-        print(_row("trained", trained))
+        print(format_metrics_table({"untrained": untrained, "trained": trained}))
         t = result["token_selection"]
         print(f"token selection: {t['selected_per_image']:.1f} of {t['patches_per_image']} tokens kept per image; "
               f"{100 * t['selected_on_object']:.1f}% of the selected tokens lie on the object vs "

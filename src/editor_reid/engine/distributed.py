@@ -19,12 +19,16 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
+
+from editor_reid.config import ConfigError
 
 __all__ = [
     "DistContext",
@@ -33,13 +37,15 @@ __all__ = [
     "shutdown_distributed",
     "barrier",
     "broadcast_object",
-    "all_reduce_mean",
+    "mean_over_ranks",
     "make_all_reduce_sum",
     "make_all_gather",
     "criterion_hooks",
     "GlobalBatchNorm1d",
     "convert_sync_batchnorm",
     "wrap_model",
+    "unwrap_model",
+    "check_world_size",
     "sync_from_main",
     "assert_same_across_ranks",
 ]
@@ -141,13 +147,15 @@ def broadcast_object(ctx: DistContext, obj):
     return box[0]
 
 
-def all_reduce_mean(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
-    """Mean of ``tensor`` over ranks (a copy; the input is left alone)."""
+def mean_over_ranks(ctx: DistContext, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The mean over ranks of each scalar in ``values`` (one all-reduce), detached; the values
+    themselves when single-process. Every rank gets the same result."""
     if not ctx.distributed:
-        return tensor
-    out = tensor.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / ctx.world_size
+        return dict(values)
+    names = list(values)
+    stacked = torch.stack([values[k].detach().float() for k in names])
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    return dict(zip(names, (stacked / ctx.world_size).unbind()))
 
 
 def make_all_reduce_sum(ctx: DistContext):
@@ -162,38 +170,17 @@ def make_all_reduce_sum(ctx: DistContext):
     return all_reduce_sum
 
 
-class _AllGather(torch.autograd.Function):
-    """Concatenate equal-sized tensors over ranks; the gradient of the local slice is the sum
-    over ranks of the gradients flowing into it (every rank's loss may use every row)."""
+def _differentiable(collective, tensor: torch.Tensor):
+    """``collective`` (from ``torch.distributed.nn.functional``) applied to ``tensor``.
 
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        ctx.rank, ctx.rows = rank, tensor.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None
-
-
-class _SumOverRanks(torch.autograd.Function):
-    """All-reduce SUM whose gradient is the all-reduced SUM of the ranks' gradients."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.contiguous().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad
+    torch 2.14 marks that module deprecated in favour of the private
+    ``torch.distributed._functional_collectives``, whose all_reduce has a gradient only in
+    recent releases; this module's collectives are differentiable from torch 2.1 (our floor)
+    on, so the FutureWarning would only repeat in every rank's log.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.", category=FutureWarning)
+        return collective(tensor)
 
 
 def make_all_gather(ctx: DistContext):
@@ -201,19 +188,16 @@ def make_all_gather(ctx: DistContext):
 
     Differentiable, so the gathered rows of other ranks receive gradients: the gradient of a
     rank's features is the sum over ranks, and DDP's average over ranks then equals one
-    process's gradient of the global-batch mean. Every rank must pass the same number of rows
-    (the P×K sampler guarantees it); labels (no grad) use the plain collective. None when
-    single-process.
+    process's gradient of the global-batch mean (the library's backward is a reduce-scatter
+    on NCCL, an all-to-all on Gloo). Labels take the same path; without a gradient it is a
+    plain all-gather. Every rank must pass the same number of rows (the P×K sampler
+    guarantees it). None when single-process.
     """
     if not ctx.distributed:
         return None
 
     def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.requires_grad:
-            return _AllGather.apply(tensor, ctx.rank, ctx.world_size)
-        parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts, dim=0)
+        return torch.cat(_differentiable(dist_nn.all_gather, tensor), dim=0)
 
     return all_gather_cat
 
@@ -246,10 +230,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             raise ValueError(f"GlobalBatchNorm1d expects [B, C] input, got {tuple(x.shape)}")
         xf = x.float()
         count = xf.new_full((1,), float(x.shape[0]))
-        sums = _SumOverRanks.apply(torch.cat([xf.sum(dim=0), count]))  # [C + 1]
+        sums = _differentiable(dist_nn.all_reduce, torch.cat([xf.sum(dim=0), count]))  # [C + 1]
         n = sums[-1].detach()
         mean = sums[:-1] / n  # [C]
-        var = _SumOverRanks.apply((xf - mean).square().sum(dim=0)) / n  # biased, as BatchNorm normalises
+        # biased, as BatchNorm normalises
+        var = _differentiable(dist_nn.all_reduce, (xf - mean).square().sum(dim=0)) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -340,3 +325,25 @@ def assert_same_across_ranks(ctx: DistContext, named_tensors: Iterable[tuple[str
                 f"the ranks have diverged: {what} '{names[first]}' on rank {rank} differs from rank 0 "
                 f"({len(differs)} tensor(s) differ); DDP keeps them identical, so a rank changed it on its own"
             )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def check_world_size(cfg, ctx: DistContext) -> None:
+    """solver.ims_per_batch is the global batch: each rank must get an equal share of it."""
+    if not ctx.distributed:
+        return
+    batch, k, world = cfg.solver.ims_per_batch, cfg.dataloader.num_instance, ctx.world_size
+    if batch % world:
+        raise ConfigError(f"solver.ims_per_batch={batch} is the global batch and must be divisible by the number "
+                          f"of processes ({world})")
+    if (batch // world) % k:
+        scopes = [name for name, scope in (("triplet_scope", cfg.model.triplet_scope),
+                                           ("ocfr_scope", cfg.model.ocfr_scope)) if scope == "local"]
+        log.warning("each of the %d ranks gets %d images of every P×K batch, which splits identities of "
+                    "dataloader.num_instance=%d images across ranks%s", world, batch // world, k,
+                    f"; with {' and '.join(f'model.{key}=local' for key in scopes)} a rank sees only part of "
+                    "those identities" if scopes else "")

@@ -10,8 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from editor_reid.config import MODALITIES, Config
+from editor_reid import metrics
+from editor_reid.config import Config
+from editor_reid.data.loaders import build_test_loader
+from editor_reid.engine.distributed import unwrap_model
 from editor_reid.engine.solver import autocast_context
+from editor_reid.modalities import MODALITIES
 
 __all__ = [
     "FeatureSet",
@@ -21,8 +25,6 @@ __all__ = [
     "batch_images",
     "build_eval_loaders",
     "summarize",
-    "modality_subsets",
-    "subset_name",
     "METRIC_KEYS",
 ]
 
@@ -42,39 +44,28 @@ class FeatureSet:
         return iter((self.feats, self.pids, self.camids, self.sceneids))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+def batch_images(batch: dict, device: torch.device, present: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """The model's image dict for a collated batch, on ``device``.
 
-
-def batch_images(batch: dict, device: torch.device, inputs: Sequence[str] | None = None,
-                 present: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """The model's image dict for a collated batch.
-
-    ``inputs``: the modalities fed to the model (its keys; default: every modality in the
-    batch). ``present``: those of them that carry data; the others are fed as zero tensors
-    after normalisation (the TOP-ReID / DeMo convention for missing-modality evaluation), so the
-    model and its feature width stay those of the full input.
+    ``present``: the modalities that carry data (default: every modality in the batch). The
+    others are left out and the model feeds them as zero images (the TOP-ReID / DeMo convention
+    for missing-modality evaluation), so its feature width stays that of the full input.
     """
-    keys = [m for m in MODALITIES if m in batch] if inputs is None else list(inputs)
-    missing = [m for m in keys if m not in batch]
-    if missing or not keys:
-        raise KeyError(f"batch lacks modalities {missing or list(MODALITIES)}; it has {sorted(batch)}")
-    images = {}
-    for m in keys:
-        x = batch[m].to(device, non_blocking=True)
-        images[m] = x if present is None or m in present else torch.zeros_like(x)
-    return images
+    keys = [m for m in MODALITIES if m in batch and (present is None or m in present)]
+    if not keys:
+        raise KeyError(f"batch holds none of the modalities {list(present or MODALITIES)}; it has {sorted(batch)}")
+    return {m: batch[m].to(device, non_blocking=True) for m in keys}
 
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Iterable[dict], device: torch.device | str, amp: str = "none",
-                     modalities: Sequence[str] | None = None, *, inputs: Sequence[str] | None = None) -> FeatureSet:
+                     modalities: Sequence[str] | None = None) -> FeatureSet:
     """Run ``model`` (in eval mode) over ``loader`` and return the retrieval features.
 
     Features are accumulated on the device and copied to the host once at the end, so there is
     no host synchronisation per batch; ids come from the collated batch (already on the host).
-    ``inputs`` are the modalities fed to the model (default: all in the batch) and
-    ``modalities`` those of them that carry data; the rest are zeroed (missing-modality tests).
+    ``modalities``: those of the batch's modalities that carry data; the model fills the rest
+    with zero images (missing-modality tests).
     The model's train/eval mode is restored afterwards.
     """
     device = torch.device(device)
@@ -86,7 +77,7 @@ def extract_features(model: nn.Module, loader: Iterable[dict], device: torch.dev
     sceneids: list[torch.Tensor] = []
     try:
         for batch in loader:
-            images = batch_images(batch, device, inputs, modalities)
+            images = batch_images(batch, device, modalities)
             cams = batch["camid"].to(device, non_blocking=True)
             with autocast_context(device, amp):
                 feat = model(images, cams)  # [B, 3D]
@@ -121,8 +112,6 @@ def evaluate_features(cfg: Config, query: FeatureSet, gallery: FeatureSet, proto
     ``cfg.test.distance``. With ``rerank`` the full distance matrices are built and
     k-reciprocal re-ranking (``cfg.test.rerank_k1/k2/lambda``) is applied.
     """
-    from editor_reid import metrics
-
     t = cfg.test
     ids = dict(q_pids=query.pids, g_pids=gallery.pids, q_camids=query.camids, g_camids=gallery.camids,
                protocol=protocol, max_rank=t.max_rank)
@@ -159,11 +148,10 @@ def evaluate_model(cfg: Config, model: nn.Module, splits, device: torch.device |
     if loaders is None:
         loaders = build_eval_loaders(cfg, splits)
     query_loader, gallery_loader = loaders
-    model = _unwrap(model)
-    inputs = tuple(cfg.datasets.modalities)
-    query = extract_features(model, query_loader, device, amp=amp, modalities=modalities, inputs=inputs)
+    model = unwrap_model(model)
+    query = extract_features(model, query_loader, device, amp=amp, modalities=modalities)
     gallery = query if gallery_loader is None else extract_features(
-        model, gallery_loader, device, amp=amp, modalities=modalities, inputs=inputs)
+        model, gallery_loader, device, amp=amp, modalities=modalities)
     result = evaluate_features(cfg, query, gallery, splits.protocol, rerank=rerank)
     if result.get("num_skipped_queries"):
         log.debug("%d queries had no valid gallery match and were skipped", result["num_skipped_queries"])
@@ -172,22 +160,6 @@ def evaluate_model(cfg: Config, model: nn.Module, splits, device: torch.device |
 
 def build_eval_loaders(cfg: Config, splits) -> tuple:
     """(query loader, gallery loader) — the gallery loader is None when it equals the query."""
-    from editor_reid.data.loaders import build_test_loader
-
     query_loader = build_test_loader(cfg, splits.query)
     gallery_loader = None if _same_samples(splits.query, splits.gallery) else build_test_loader(cfg, splits.gallery)
     return query_loader, gallery_loader
-
-
-def modality_subsets(modalities: Sequence[str] = MODALITIES) -> list[tuple[str, ...]]:
-    """The non-empty subsets in a fixed order: singles, pairs, then all (7 for three modalities)."""
-    from itertools import combinations
-
-    out: list[tuple[str, ...]] = []
-    for r in range(1, len(modalities) + 1):
-        out.extend(combinations(modalities, r))
-    return out
-
-
-def subset_name(subset: Sequence[str]) -> str:
-    return "+".join(subset)

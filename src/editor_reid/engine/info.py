@@ -6,6 +6,9 @@ from pathlib import Path
 
 import torch
 
+from editor_reid.data.layouts import KNOWN_TRAIN_STATS, load_dataset
+from editor_reid.model import build_model, count_parameters
+
 __all__ = ["describe", "train_statistics"]
 
 
@@ -13,39 +16,27 @@ def train_statistics(cfg, root: str | Path | None = None) -> tuple[int, int, str
     """(train IDs, camera count, source) from the dataset at ``root`` or the known statistics."""
     name = cfg.datasets.names
     if root is not None:
-        from editor_reid.data.layouts import load_dataset
-
         splits = load_dataset(name, root)
         return splits.num_train_pids, splits.num_cameras, f"dataset at {root}"
-    from editor_reid.data.layouts import KNOWN_TRAIN_STATS
-
     if name not in KNOWN_TRAIN_STATS:
         raise ValueError(f"no known statistics for dataset '{name}'; pass --root")
     ids, cams = KNOWN_TRAIN_STATS[name]
     return ids, cams, "known statistics"
 
 
-def _count(module: torch.nn.Module | None) -> int:
-    if module is None:
-        return 0
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 def describe(cfg, root: str | Path | None = None) -> str:
     """Summary of the model built for ``cfg``: sizes, switches and the paper-style parameter count
     (trainable parameters including the unused backbone ``fc``, excluding the OCFR centres)."""
-    from editor_reid.model import build_model, count_parameters
-
     num_classes, num_cameras, source = train_statistics(cfg, root)
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = build_model(cfg, num_classes, num_cameras)
     backbone = model.backbone
-    fc = _count(backbone.fc)
-    vit = _count(backbone) - fc
-    hma_blocks = _count(model.hma) - (_count(model.hma.reduce) if model.hma is not None else 0)
-    reduce = _count(model.hma.reduce) if model.hma is not None else 0
+    fc = count_parameters(backbone.fc)
+    vit = count_parameters(backbone) - fc
+    hma_blocks = count_parameters(model.hma) - (count_parameters(model.hma.reduce) if model.hma is not None else 0)
+    reduce = count_parameters(model.hma.reduce) if model.hma is not None else 0
     necks = (model.fuse_bn, model.fuse_head, model.backbone_bn, model.backbone_head, model.al_bn, model.al_head)
-    heads = sum(_count(m) for m in necks)
+    heads = sum(count_parameters(m) for m in necks)
     total = count_parameters(model)
     centres = 3 * num_classes * model.embed_dim if (model.hma is not None and cfg.model.ocfr) else 0
     h, w = cfg.input.size_train

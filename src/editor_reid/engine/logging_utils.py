@@ -1,10 +1,12 @@
-"""Run-directory bookkeeping: log file, ``metrics.jsonl``, optional TensorBoard, ``env.json``.
+"""Run-directory bookkeeping and console output: log file, ``metrics.jsonl``, optional TensorBoard,
+``env.json``, the progress bar.
 
 Only the main rank writes; the other ranks get a :class:`MetricsLogger` with ``enabled=False``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -12,14 +14,24 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy
+import timm
 import torch
+from tqdm.auto import tqdm
+
+from editor_reid import __version__
 
 __all__ = [
     "LOGGER_NAME",
     "attach_file_log",
+    "file_log",
+    "other_ranks_warn_only",
+    "progress_bar",
+    "format_eta",
     "ensure_console_log",
     "MetricsLogger",
     "environment_info",
@@ -56,6 +68,45 @@ def attach_file_log(path: Path) -> logging.Handler:
     if pkg.level == logging.NOTSET or pkg.level > logging.INFO:
         pkg.setLevel(logging.INFO)
     return handler
+
+
+@contextlib.contextmanager
+def file_log(path: Path) -> Iterator[logging.Handler]:
+    """Copy the package's log messages to ``path`` inside the block."""
+    handler = attach_file_log(path)
+    try:
+        yield handler
+    finally:
+        logging.getLogger(LOGGER_NAME).removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def other_ranks_warn_only(is_main: bool) -> Iterator[None]:
+    """One voice in a distributed run: inside the block, ranks other than 0 log warnings only."""
+    pkg = logging.getLogger(LOGGER_NAME)
+    level = pkg.level
+    if not is_main:
+        pkg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        pkg.setLevel(level)
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    """A tqdm bar over an epoch's steps (off on ranks other than 0)."""
+    # ``disable`` is passed only to switch the bar off, so TQDM_DISABLE=1 still works otherwise.
+    kwargs = {} if enabled else {"disable": True}
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False, unit="step", **kwargs)
+
+
+def format_eta(seconds: float) -> str:
+    """``h:mm:ss`` (or ``m:ss`` under an hour)."""
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -163,22 +214,12 @@ def _git_commit() -> str | None:
 
 def environment_info(device: torch.device | str | None = None) -> dict[str, Any]:
     """Versions, device and git commit: enough to tell two runs' environments apart."""
-    import numpy
-
-    try:
-        import timm
-
-        timm_version = timm.__version__
-    except ImportError:  # pragma: no cover - timm is a dependency
-        timm_version = None
-    from editor_reid import __version__
-
     device = torch.device(device) if device is not None else torch.device("cpu")
     info: dict[str, Any] = {
         "editor_reid": __version__,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "timm": timm_version,
+        "timm": timm.__version__,
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "device": str(device),

@@ -1,28 +1,29 @@
-"""Optimiser, per-epoch warmup + cosine LR schedule, and mixed-precision helpers (spec §5).
+"""Optimiser, per-epoch warmup + cosine LR schedule, and mixed-precision helpers
+(docs/official-behaviour.md#training-recipe).
 
 The official recipe: SGD (momentum 0.9) at base LR 1e-3 for every parameter, LR x2 for any
 parameter whose name contains "bias", weight decay 1e-4 on everything (norms, cls_token,
-pos_embed and sie_embed included, §10.16), and timm's ``CosineLRScheduler`` stepped once per
-epoch with a linear warmup measured in epochs.
+pos_embed and sie_embed included, docs/official-behaviour.md#quirk-weight-decay-everywhere), and timm's
+``CosineLRScheduler`` stepped once per epoch with a linear warmup measured in epochs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+from timm.scheduler.cosine_lr import CosineLRScheduler
+
+from editor_reid.config import AMP_CHOICES
 
 __all__ = [
     "build_optimizer",
-    "WarmupCosineLR",
+    "build_scheduler",
     "autocast_context",
     "make_grad_scaler",
 ]
-
-_AMP_CHOICES = ("none", "fp16", "bf16")
 
 
 def _named_trainable(model: nn.Module, extra_params) -> list[tuple[str, nn.Parameter]]:
@@ -85,9 +86,8 @@ def build_optimizer(cfg, model: nn.Module, extra_params: Iterable | nn.Module | 
     raise ValueError(f"config key 'solver.optimizer_name': {s.optimizer_name!r} is not one of SGD, AdamW")
 
 
-class WarmupCosineLR:
-    """Per-epoch linear warmup + cosine decay, identical to the official use of timm's
-    ``CosineLRScheduler(t_initial=T, lr_min, warmup_t, warmup_lr_init, cycle_limit=1)``.
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> CosineLRScheduler:
+    """timm's ``CosineLRScheduler`` exactly as the official EDITOR code builds it.
 
     For a group with starting LR ``base`` (its ``initial_lr``) and epoch t:
 
@@ -97,79 +97,53 @@ class WarmupCosineLR:
 
     with T = ``solver.max_epochs``, warmup_t = ``solver.warmup_iters`` (epochs),
     warmup_lr_init = ``base_lr * solver.warmup_factor`` and lr_min =
-    ``base_lr * solver.eta_min_factor``. As in timm, warmup_lr_init and lr_min are shared by all
-    groups (computed from ``solver.base_lr``), while each group warms up to and decays from its
-    own base (the bias group to 2 * base_lr). The cosine uses the absolute epoch (no warmup
-    prefix shift). Call ``step(epoch)`` at the start of every epoch, epoch = 1..T; construction
-    sets the LR of epoch 0.
+    ``base_lr * solver.eta_min_factor``. warmup_lr_init and lr_min are shared by all groups
+    (computed from ``solver.base_lr``), while each group warms up to and decays from its own
+    base (the bias group to 2 * base_lr). The cosine uses the absolute epoch (no warmup prefix
+    shift). Construction sets the LR of epoch 0; call ``step(epoch)`` at the start of every
+    epoch, epoch = 1..T. The scheduler keeps no epoch counter: its ``state_dict`` holds the
+    schedule only, and the LR of the epoch in progress comes back with the optimiser's state.
     """
+    s = cfg.solver
+    # timm asserts on a bad t_initial or lr_min and takes a negative warmup_t; name the key instead.
+    if s.max_epochs <= 0:
+        raise ValueError(f"config key 'solver.max_epochs' must be > 0, got {s.max_epochs}")
+    if s.warmup_iters < 0:
+        raise ValueError(f"config key 'solver.warmup_iters' must be >= 0, got {s.warmup_iters}")
+    if s.eta_min_factor < 0:
+        raise ValueError(f"config key 'solver.eta_min_factor' must be >= 0, got {s.eta_min_factor}")
+    return _CheckedCosineLR(
+        optimizer,
+        t_initial=s.max_epochs,
+        lr_min=s.base_lr * s.eta_min_factor,
+        warmup_t=s.warmup_iters,
+        warmup_lr_init=s.base_lr * s.warmup_factor,
+        cycle_limit=1,
+        t_in_epochs=True,
+    )
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg) -> None:
-        s = cfg.solver
-        if s.max_epochs <= 0:
-            raise ValueError(f"config key 'solver.max_epochs' must be > 0, got {s.max_epochs}")
-        if s.warmup_iters < 0:
-            raise ValueError(f"config key 'solver.warmup_iters' must be >= 0, got {s.warmup_iters}")
-        self.optimizer = optimizer
-        self.t_initial = s.max_epochs
-        self.warmup_t = s.warmup_iters
-        self.warmup_lr_init = s.base_lr * s.warmup_factor
-        self.lr_min = s.base_lr * s.eta_min_factor
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-        self.last_epoch = 0
-        self._apply(0)
 
-    def lr_at(self, epoch: int) -> list[float]:
-        """The LR of every param group at ``epoch`` (no side effects)."""
+class _CheckedCosineLR(CosineLRScheduler):
+    """timm's scheduler, refusing what it would otherwise take silently: its
+    ``load_state_dict`` merges any dict into the object (a foreign or truncated checkpoint
+    entry would leave a half-old schedule), and a negative epoch extrapolates the warmup line
+    to a negative LR."""
+
+    def step(self, epoch: int, metric: float | None = None) -> None:
         if epoch < 0:
-            raise ValueError(f"WarmupCosineLR: epoch must be >= 0, got {epoch}")
-        if epoch < self.warmup_t:
-            return [self.warmup_lr_init + epoch * (base - self.warmup_lr_init) / self.warmup_t for base in self.base_lrs]
-        if epoch >= self.t_initial:
-            return [self.lr_min for _ in self.base_lrs]
-        cos = 1.0 + math.cos(math.pi * epoch / self.t_initial)
-        return [self.lr_min + 0.5 * (base - self.lr_min) * cos for base in self.base_lrs]
+            raise ValueError(f"LR scheduler: epoch must be >= 0, got {epoch}")
+        super().step(epoch, metric)
 
-    def _apply(self, epoch: int) -> None:
-        for group, lr in zip(self.optimizer.param_groups, self.lr_at(epoch)):
-            group["lr"] = lr
-
-    def step(self, epoch: int) -> None:
-        """Set the LR for ``epoch`` (call at the start of the epoch, epoch = 1..max_epochs)."""
-        self._apply(epoch)
-        self.last_epoch = epoch
-
-    def get_last_lr(self) -> list[float]:
-        return [group["lr"] for group in self.optimizer.param_groups]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "t_initial": self.t_initial,
-            "warmup_t": self.warmup_t,
-            "warmup_lr_init": self.warmup_lr_init,
-            "lr_min": self.lr_min,
-            "base_lrs": list(self.base_lrs),
-            "last_epoch": self.last_epoch,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"t_initial", "warmup_t", "warmup_lr_init", "lr_min", "base_lrs", "last_epoch"} - set(state)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = set(self.state_dict()) - set(state_dict)
         if missing:
-            raise KeyError(f"WarmupCosineLR.load_state_dict: missing keys {sorted(missing)}")
-        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
-            raise ValueError(f"WarmupCosineLR.load_state_dict: the state has {len(state['base_lrs'])} param "
-                             f"groups, the optimiser {len(self.optimizer.param_groups)}")
-        self.t_initial = int(state["t_initial"])
-        self.warmup_t = int(state["warmup_t"])
-        self.warmup_lr_init = float(state["warmup_lr_init"])
-        self.lr_min = float(state["lr_min"])
-        self.base_lrs = [float(v) for v in state["base_lrs"]]
-        self.last_epoch = int(state["last_epoch"])
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["initial_lr"] = base
-        self._apply(self.last_epoch)
+            raise KeyError(f"LR scheduler state is missing keys {sorted(missing)}; it was not written by "
+                           "timm's CosineLRScheduler (build_scheduler)")
+        groups = len(self.optimizer.param_groups)
+        if len(state_dict["base_values"]) != groups:
+            raise ValueError(f"LR scheduler state has {len(state_dict['base_values'])} param groups, "
+                             f"the optimiser {groups}")
+        super().load_state_dict(state_dict)
 
 
 def _device_kind(device_type: str | torch.device) -> str:
@@ -177,8 +151,8 @@ def _device_kind(device_type: str | torch.device) -> str:
 
 
 def _check_amp(amp: str) -> None:
-    if amp not in _AMP_CHOICES:
-        raise ValueError(f"config key 'solver.amp': {amp!r} is not one of {', '.join(_AMP_CHOICES)}")
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"config key 'solver.amp': {amp!r} is not one of {', '.join(AMP_CHOICES)}")
 
 
 def autocast_context(device_type: str | torch.device, amp: str):

@@ -1,7 +1,7 @@
 """Pictures of SFTS's token selection and how much of it lands on the object (PIL only).
 
-The selected-token mask M_U is shared by the three modalities (§2.3), so one mask is drawn
-over the RGB, NI and TI images of a sample: selected patches at full brightness with a thin
+The selected-token mask M_U is shared by the three modalities (docs/official-behaviour.md#sfts-union), so one mask is
+drawn over the RGB, NI and TI images of a sample: selected patches at full brightness with a thin
 outline, unselected patches dimmed, as in the paper's token-selection figure.
 """
 

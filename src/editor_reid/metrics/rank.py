@@ -104,42 +104,50 @@ def _bin_distance_key(bins: np.ndarray, d: np.ndarray) -> np.ndarray:
     return (bins.astype(np.uint64) << np.uint64(32)) | ordered
 
 
-def _rank_rows(
-    dist: np.ndarray, q_pids: np.ndarray, q_keys: np.ndarray, gallery: _GalleryIndex
-) -> _RowStats:
-    """AP / INP / first-hit rank of every query row of ``dist`` ([c, G] float32, C-contiguous)."""
-    c, num_g = dist.shape
-    zeros = _RowStats(
-        valid=np.zeros(c, bool), ap=np.zeros(c), inp=np.zeros(c), first_rank=np.zeros(c, np.int64)
-    )
-    if c == 0 or num_g == 0:
-        return zeros
+def _relevant_and_junk(
+    q_pids: np.ndarray, q_keys: np.ndarray, gallery: _GalleryIndex
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and flat index (row * G + gallery index) of every relevant item, sorted by (row,
+    gallery index), and the flat indices of the junk items (same pid, same protocol key).
 
-    # Same-pid pairs are sparse (about G / #ids per row), so they are handled as coordinates.
+    Same-pid pairs are sparse (about G / #ids per row), so they are handled as coordinates.
+    """
+    num_g = gallery.num_gallery
     rows_m, cols_m = gallery.same_pid(q_pids)
     junk = gallery.g_keys[cols_m] == q_keys[rows_m]
-    rows_p, cols_p = rows_m[~junk], cols_m[~junk]  # relevant items, sorted by (row, col)
-    lin_p = rows_p * num_g + cols_p
+    rows_p = rows_m[~junk]
+    lin_p = rows_p * num_g + cols_m[~junk]
     lin_j = rows_m[junk] * num_g + cols_m[junk]
-    if rows_p.size == 0:
-        return zeros
+    return rows_p, lin_p, lin_j
 
-    n_rel = np.bincount(rows_p, minlength=c)
+
+def _assign_bins(
+    dist: np.ndarray,
+    lin_p: np.ndarray,
+    lin_j: np.ndarray,
+    n_rel: np.ndarray,
+    row_start: np.ndarray,
+    t: np.ndarray,
+    bins: np.ndarray,
+) -> int:
+    """Write every item's global bin id (row * stride + bin) into ``bins`` (flat [c * G]) and
+    return the stride; ``t`` is float32 scratch of the same size.
+
+    Bin layout of a row: 0 = before the easiest relevant item, 1..K+1 = the [lo, hi] range of
+    its relevant distances, K+2 = after the hardest one (its contents never matter, so junk goes
+    there too). Only three properties are needed for exactness, and float32 rounding keeps all
+    of them while row * stride + K + 3 < 2**23: the bin never decreases as the distance grows,
+    bin 0 holds only items closer than lo, and no relevant item reaches bin K+2. A degenerate
+    width (lo == hi, or so small that K / width overflows) gets scale 0: the row becomes one
+    bin, ordered exactly (slow but correct).
+    """
+    c, num_g = dist.shape
     valid = n_rel > 0
-    row_start = np.concatenate(([0], np.cumsum(n_rel)[:-1]))  # first relevant entry of each row
-    d_flat = dist.reshape(-1)
-    d_rel = d_flat[lin_p]
+    d_rel = dist.reshape(-1)[lin_p]
     lo = np.zeros(c, np.float32)
     hi = np.zeros(c, np.float32)
     lo[valid] = np.minimum.reduceat(d_rel, row_start[valid])
     hi[valid] = np.maximum.reduceat(d_rel, row_start[valid])
-
-    # Bin layout of a row: 0 = before the easiest relevant item, 1..K+1 = the [lo, hi] range,
-    # K+2 = after the hardest one (its contents never matter). Only three properties are needed
-    # for exactness, and float32 rounding keeps all of them while row * stride + K + 3 < 2**23:
-    # the bin never decreases as the distance grows, bin 0 holds only items closer than lo, and
-    # no relevant item reaches bin K+2. A degenerate width (lo == hi, or so small that K / width
-    # overflows) gets scale 0: the row becomes one bin, ordered exactly (slow but correct).
     n_bins = int(min(max(_BINS_PER_RELEVANT * int(n_rel.max()), 16), max(num_g, 16)))
     n_bins = min(n_bins, _EXACT_FLOAT_INT // c - 3)
     width = hi - lo
@@ -147,23 +155,32 @@ def _rank_rows(
         scale = (np.float32(n_bins) / width).astype(np.float32)
     scale[~np.isfinite(scale)] = 0.0
     stride = n_bins + 3
-    t, bins, hot_item = gallery.buffers(c)
     t2 = t.reshape(c, num_g)
     np.subtract(dist, lo[:, None], out=t2)
     t2 *= scale[:, None]
     np.clip(t, -1.0, n_bins + 1, out=t)
     # Shift to [0, K+2] plus the row's offset, so truncation is floor and ids are global.
     t2 += (np.arange(c, dtype=np.float32) * stride + 1)[:, None]
-    np.copyto(bins, t, casting="unsafe")  # global bin id = row * stride + bin
+    np.copyto(bins, t, casting="unsafe")
     bins[lin_j] = lin_j // num_g * stride + (n_bins + 2)  # junk never counts
+    return stride
 
+
+def _relevant_ranks(
+    d_flat: np.ndarray, bins: np.ndarray, lin_p: np.ndarray, c: int, stride: int, hot_item: np.ndarray
+) -> np.ndarray:
+    """1-based rank among the kept items of each relevant item, in ``lin_p`` order.
+
+    Kept items in the row's lower bins come before it (a histogram count); the items that
+    share a bin with a relevant item are ordered exactly by (bin, distance, index).
+    ``hot_item`` is bool scratch of ``bins``' size.
+    """
     bin_rel = bins[lin_p]
     hist = np.bincount(bins, minlength=c * stride)
     in_bin = hist[bin_rel]
     np.cumsum(hist.reshape(c, stride), axis=1, out=hist.reshape(c, stride))
-    before = hist[bin_rel] - in_bin  # kept items in the row's lower bins
+    before = hist[bin_rel] - in_bin
 
-    # Items sharing a bin with a relevant item: order them exactly by (bin, distance, index).
     hot_bin = np.zeros(c * stride, bool)
     hot_bin[bin_rel] = True
     np.take(hot_bin, bins, out=hot_item)
@@ -177,8 +194,13 @@ def _rank_rows(
     )
     within = np.empty_like(pos)
     within[order] = pos - group_start
-    rank = 1 + before + within[np.searchsorted(lin_h, lin_p)]
+    return 1 + before + within[np.searchsorted(lin_h, lin_p)]
 
+
+def _row_stats(rank: np.ndarray, rows_p: np.ndarray, n_rel: np.ndarray, row_start: np.ndarray) -> _RowStats:
+    """AP, INP and first-hit rank per row from the ranks of its relevant items."""
+    c = n_rel.shape[0]
+    valid = n_rel > 0
     # Sort each row's relevant items by rank: the j-th one has precision j / rank.
     rank = rank[np.lexsort((rank, rows_p))]
     j = np.arange(rank.size) - np.repeat(row_start, n_rel) + 1
@@ -190,6 +212,27 @@ def _rank_rows(
     inp = np.zeros(c)
     inp[valid] = n_rel[valid] / last_rank
     return _RowStats(valid=valid, ap=ap, inp=inp, first_rank=first_rank)
+
+
+def _rank_rows(
+    dist: np.ndarray, q_pids: np.ndarray, q_keys: np.ndarray, gallery: _GalleryIndex
+) -> _RowStats:
+    """AP / INP / first-hit rank of every query row of ``dist`` ([c, G] float32, C-contiguous)."""
+    c, num_g = dist.shape
+    zeros = _RowStats(
+        valid=np.zeros(c, bool), ap=np.zeros(c), inp=np.zeros(c), first_rank=np.zeros(c, np.int64)
+    )
+    if c == 0 or num_g == 0:
+        return zeros
+    rows_p, lin_p, lin_j = _relevant_and_junk(q_pids, q_keys, gallery)
+    if rows_p.size == 0:
+        return zeros
+    n_rel = np.bincount(rows_p, minlength=c)
+    row_start = np.concatenate(([0], np.cumsum(n_rel)[:-1]))  # first relevant entry of each row
+    t, bins, hot_item = gallery.buffers(c)
+    stride = _assign_bins(dist, lin_p, lin_j, n_rel, row_start, t, bins)
+    rank = _relevant_ranks(dist.reshape(-1), bins, lin_p, c, stride, hot_item)
+    return _row_stats(rank, rows_p, n_rel, row_start)
 
 
 class _Accumulator:

@@ -10,7 +10,8 @@ switches. They follow the well-known formulations:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -40,29 +41,11 @@ def _reciprocal_sets(neighbours: np.ndarray, k: int, chunk: int = 2048) -> np.nd
     return out
 
 
-def re_ranking(
-    q_g: Any,
-    q_q: Any,
-    g_g: Any,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
-    *,
-    max_entries: int = DEFAULT_MAX_RERANK_ENTRIES,
-    chunk_size: int = 256,
-) -> np.ndarray:
-    """k-reciprocal re-ranked [Q, G] distances from the q_g [Q, G], q_q [Q, Q], g_g [G, G] blocks.
-
-    final = (1 - lambda) * Jaccard(k-reciprocal sets) + lambda * original, where each row of the
-    stacked [[q_q, q_g], [q_g^T, g_g]] matrix is divided by its maximum. Distances are used as
-    given: pass this package's squared Euclidean (as TransReID / EDITOR do); Zhong et al.'s code
-    squares plain Euclidean distances first. Neighbour lists break ties by index, and the
-    encoding vectors are float32 (the reference code uses float16, which moves results ~1e-3).
-
-    Memory: the stacked matrix is (Q+G)^2 float32; above ``max_entries`` entries a ValueError is
-    raised instead of running out of memory. Everything else is sparse, O((Q+G) * k1 * k2), plus
-    ``chunk_size x (Q+G)`` temporaries; time is O((Q+G)^2 log(Q+G)).
-    """
+def _check_inputs(
+    q_g: Any, q_q: Any, g_g: Any, k1: int, k2: int, lambda_value: float, max_entries: int, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The three distance blocks as arrays and the chunk size, after every argument check of
+    `re_ranking`."""
     qg = to_numpy(q_g, "q_g")
     qq = to_numpy(q_q, "q_q")
     gg = to_numpy(g_g, "g_g")
@@ -88,7 +71,13 @@ def re_ranking(
         )
     for name, block in (("q_g", qg), ("q_q", qq), ("g_g", gg)):
         check_distances(block, name)
+    return qg, qq, gg, chunk_size
 
+
+def _joint_distance(qg: np.ndarray, qq: np.ndarray, gg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stacked [[q_q, q_g], [q_g^T, g_g]] matrix ([N, N] float32, N = Q + G), each row
+    divided by its maximum, and those maxima ([N, 1])."""
+    nq, n = qg.shape[0], qg.shape[0] + gg.shape[0]
     dist = np.empty((n, n), np.float32)
     dist[:nq, :nq] = qq
     dist[:nq, nq:] = qg
@@ -97,20 +86,37 @@ def re_ranking(
     row_max = dist.max(axis=1, keepdims=True)
     row_max[row_max == 0] = 1.0  # an all-zero row stays zero instead of becoming NaN
     dist /= row_max
+    return dist, row_max
 
-    k_half = int(np.around(k1 / 2.0))
-    width = min(max(k1 + 1, k2), n)
+
+def _neighbour_lists(dist: np.ndarray, width: int, chunk_size: int) -> np.ndarray:
+    """[N, width] indices of each row's nearest items, ascending (the row itself first)."""
+    n = dist.shape[0]
     neighbours = np.empty((n, width), np.int64)
     for s in range(0, n, chunk_size):
         neighbours[s : s + chunk_size] = _stable_topk(dist[s : s + chunk_size], width)
+    return neighbours
 
-    # R(i, k1): forward neighbours of i that also have i in their own top k1+1.
-    k1c, khc = min(k1, n - 1), min(k_half, n - 1)
+
+class _Encoding(NamedTuple):
+    """A sparse [N, N] k-reciprocal encoding: V[rows[i], cols[i]] = vals[i], sorted by row."""
+
+    rows: np.ndarray  # int64
+    cols: np.ndarray  # int64
+    vals: np.ndarray  # float64
+
+
+def _k_reciprocal_encoding(dist: np.ndarray, neighbours: np.ndarray, k1: int, chunk_size: int) -> _Encoding:
+    """V_i: weights exp(-d(i, j)) over the expanded k-reciprocal set of i, summing to 1.
+
+    The set starts as R(i, k1), the forward neighbours of i that also have i in their own top
+    k1+1; each c in R(i, k1) adds its R(c, k1/2) when more than 2/3 of that lies in R(i, k1).
+    """
+    n = dist.shape[0]
+    k1c, khc = min(k1, n - 1), min(int(np.around(k1 / 2.0)), n - 1)
     recip = _reciprocal_sets(neighbours, k1c)  # [N, k1+1]
     recip_half = _reciprocal_sets(neighbours, khc)  # [N, k_half+1]
     fwd, fwd_half = neighbours[:, : k1c + 1], neighbours[:, : khc + 1]
-
-    # Expansion: add R(c, k1/2) of each c in R(i, k1) when more than 2/3 of it lies in R(i, k1).
     rows_v, cols_v, vals_v = [], [], []
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
@@ -133,49 +139,87 @@ def re_ranking(
         rows_v.append(s + r)
         cols_v.append(cols)
         vals_v.append(w)
-    v_rows = np.concatenate(rows_v)
-    v_cols = np.concatenate(cols_v)
-    v_vals = np.concatenate(vals_v)
+    return _Encoding(np.concatenate(rows_v), np.concatenate(cols_v), np.concatenate(vals_v))
 
-    if k2 != 1:
-        # Local query expansion: V_i <- mean of V over i's k2 nearest neighbours (sparse).
-        row_ptr = np.concatenate(([0], np.cumsum(np.bincount(v_rows, minlength=n))))
-        nb = neighbours[:, :k2]  # [N, k2]
-        src = nb.reshape(-1)
-        dst = np.repeat(np.arange(n), k2)
-        counts = row_ptr[src + 1] - row_ptr[src]
-        take = np.repeat(row_ptr[src], counts) + (
-            np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        )
-        key = np.repeat(dst, counts) * n + v_cols[take]
-        uniq, inv = np.unique(key, return_inverse=True)
-        v_vals = np.bincount(inv, weights=v_vals[take]) / k2
-        v_rows, v_cols = uniq // n, uniq % n
-    del dist
 
-    # Jaccard distance between query rows and gallery rows: 1 - m / (2 - m), m = sum min(V_i, V_j).
-    by_col = np.lexsort((v_rows, v_cols))
-    c_rows, c_vals = v_rows[by_col], v_vals[by_col]
-    col_ptr = np.concatenate(([0], np.cumsum(np.bincount(v_cols, minlength=n))))
+def _local_query_expansion(v: _Encoding, neighbours: np.ndarray, k2: int) -> _Encoding:
+    """V_i <- the mean of V over i's k2 nearest neighbours (i included), kept sparse."""
+    n = neighbours.shape[0]
+    row_ptr = np.concatenate(([0], np.cumsum(np.bincount(v.rows, minlength=n))))
+    src = neighbours[:, :k2].reshape(-1)
+    dst = np.repeat(np.arange(n), k2)
+    counts = row_ptr[src + 1] - row_ptr[src]
+    take = np.repeat(row_ptr[src], counts) + (
+        np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    )
+    key = np.repeat(dst, counts) * n + v.cols[take]
+    uniq, inv = np.unique(key, return_inverse=True)
+    return _Encoding(uniq // n, uniq % n, np.bincount(inv, weights=v.vals[take]) / k2)
+
+
+def _jaccard_distance(
+    v: _Encoding, nq: int, ng: int, chunk_size: int
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Jaccard distance 1 - m / (2 - m), m = sum_k min(V_ik, V_jk), of the query rows i < nq
+    against the gallery rows j >= nq: yields (start, stop, [stop - start, G] float64) for each
+    chunk of queries, visiting only the columns k where V_i is non-zero."""
+    n = nq + ng
+    by_col = np.lexsort((v.rows, v.cols))
+    c_rows, c_vals = v.rows[by_col], v.vals[by_col]
+    col_ptr = np.concatenate(([0], np.cumsum(np.bincount(v.cols, minlength=n))))
     is_gal = c_rows >= nq
-    q_sel = v_rows < nq
-    qr, qc, qv = v_rows[q_sel], v_cols[q_sel], v_vals[q_sel]
+    q_sel = v.rows < nq
+    qr, qc, qv = v.rows[q_sel], v.cols[q_sel], v.vals[q_sel]
     q_ptr = np.concatenate(([0], np.cumsum(np.bincount(qr, minlength=nq))))
-    final = np.empty((nq, ng), np.float32)
     for s in range(0, nq, chunk_size):
         e = min(s + chunk_size, nq)
         lo, hi = q_ptr[s], q_ptr[e]
-        r, k, v = qr[lo:hi] - s, qc[lo:hi], qv[lo:hi]
+        r, k, val = qr[lo:hi] - s, qc[lo:hi], qv[lo:hi]
         cnt = col_ptr[k + 1] - col_ptr[k]
         offset = np.arange(cnt.sum()) - np.repeat(np.cumsum(cnt) - cnt, cnt)
         at = np.repeat(col_ptr[k], cnt) + offset  # gallery-or-query rows sharing column k
         keep = is_gal[at]
         at = at[keep]
         rr = np.repeat(r, cnt)[keep]
-        mins = np.minimum(np.repeat(v, cnt)[keep], c_vals[at])
+        mins = np.minimum(np.repeat(val, cnt)[keep], c_vals[at])
         m = np.bincount(rr * ng + (c_rows[at] - nq), weights=mins, minlength=(e - s) * ng)
         m = m.reshape(e - s, ng)
-        jaccard = 1.0 - m / (2.0 - m)
+        yield s, e, 1.0 - m / (2.0 - m)
+
+
+def re_ranking(
+    q_g: Any,
+    q_q: Any,
+    g_g: Any,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    *,
+    max_entries: int = DEFAULT_MAX_RERANK_ENTRIES,
+    chunk_size: int = 256,
+) -> np.ndarray:
+    """k-reciprocal re-ranked [Q, G] distances from the q_g [Q, G], q_q [Q, Q], g_g [G, G] blocks.
+
+    final = (1 - lambda) * Jaccard(k-reciprocal sets) + lambda * original, where each row of the
+    stacked [[q_q, q_g], [q_g^T, g_g]] matrix is divided by its maximum. Distances are used as
+    given: pass this package's squared Euclidean (as TransReID / EDITOR do); Zhong et al.'s code
+    squares plain Euclidean distances first. Neighbour lists break ties by index, and the
+    encoding vectors are float64 (the reference code uses float16, which moves results ~1e-3).
+
+    Memory: the stacked matrix is (Q+G)^2 float32; above ``max_entries`` entries a ValueError is
+    raised instead of running out of memory. Everything else is sparse, O((Q+G) * k1 * k2), plus
+    ``chunk_size x (Q+G)`` temporaries; time is O((Q+G)^2 log(Q+G)).
+    """
+    qg, qq, gg, chunk_size = _check_inputs(q_g, q_q, g_g, k1, k2, lambda_value, max_entries, chunk_size)
+    nq, ng = qg.shape
+    dist, row_max = _joint_distance(qg, qq, gg)
+    neighbours = _neighbour_lists(dist, min(max(k1 + 1, k2), nq + ng), chunk_size)
+    encoding = _k_reciprocal_encoding(dist, neighbours, k1, chunk_size)
+    del dist  # the largest buffer; the Jaccard step needs only the sparse encoding
+    if k2 != 1:
+        encoding = _local_query_expansion(encoding, neighbours, k2)
+    final = np.empty((nq, ng), np.float32)
+    for s, e, jaccard in _jaccard_distance(encoding, nq, ng, chunk_size):
         orig = qg[s:e].astype(np.float64) / row_max[s:e]
         final[s:e] = jaccard * (1.0 - lambda_value) + orig * lambda_value
     return final

@@ -1,7 +1,8 @@
 """Shared ViT backbone: timm's VisionTransformer plus the SIE camera embedding.
 
 The backbone is timm's own ViT definition (``timm.create_model``), so block maths, init and
-weight layouts are timm's. What EDITOR adds (spec §1):
+weight layouts are timm's; every timm internal read here goes through ``model/_timm.py``.
+What EDITOR adds (docs/official-behaviour.md#backbone):
 
 * the SIE camera embedding ``sie_embed`` [C, 1, D], added with coefficient ``sie_coe`` to every
   token, CLS included: ``tokens = [CLS; patches] + pos_embed + λ·sie_embed[cam]``;
@@ -36,10 +37,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from editor_reid.model import _timm
 
 __all__ = [
     "ARCHITECTURES",
@@ -134,6 +136,34 @@ def _heads_first(x: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
     return x.view(batch, length, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).contiguous()
 
 
+def _timm_arguments(
+    transformer_type: str, stride_size, img_size: tuple[int, int], embed_dim: int, depth: int, num_heads: int
+) -> tuple[str, dict]:
+    """Validated (timm model name, size overrides) for :class:`ViTBackbone`."""
+    if transformer_type not in ARCHITECTURES:
+        raise ValueError(
+            f"model.transformer_type '{transformer_type}' is not supported; choose one of {', '.join(ARCHITECTURES)}"
+        )
+    if tuple(stride_size) != (PATCH_SIZE, PATCH_SIZE):
+        raise ValueError(
+            f"model.stride_size {list(stride_size)} is not supported: only non-overlapping 16x16 patches "
+            "(stride [16, 16], as in every official config) are implemented"
+        )
+    height, width = img_size
+    if height % PATCH_SIZE or width % PATCH_SIZE or height <= 0 or width <= 0:
+        raise ValueError(f"input size {height}x{width} must be positive multiples of {PATCH_SIZE} (H x W)")
+    timm_name, arch_kwargs = ARCHITECTURES[transformer_type]
+    kwargs = dict(arch_kwargs)
+    for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
+        if value:
+            kwargs[key] = value
+    if "num_heads" in kwargs and "embed_dim" in kwargs and kwargs["embed_dim"] % kwargs["num_heads"]:
+        raise ValueError(
+            f"model.embed_dim {kwargs['embed_dim']} is not divisible by model.num_heads {kwargs['num_heads']}"
+        )
+    return timm_name, kwargs
+
+
 class ViTBackbone(nn.Module):
     """timm ViT shared by the modalities, with SIE and attention-probability capture.
 
@@ -162,32 +192,12 @@ class ViTBackbone(nn.Module):
         att_drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if transformer_type not in ARCHITECTURES:
-            raise ValueError(
-                f"model.transformer_type '{transformer_type}' is not supported; choose one of {', '.join(ARCHITECTURES)}"
-            )
-        if tuple(stride_size) != (PATCH_SIZE, PATCH_SIZE):
-            raise ValueError(
-                f"model.stride_size {list(stride_size)} is not supported: only non-overlapping 16x16 patches "
-                "(stride [16, 16], as in every official config) are implemented"
-            )
         height, width = int(img_size[0]), int(img_size[1])
-        if height % PATCH_SIZE or width % PATCH_SIZE or height <= 0 or width <= 0:
-            raise ValueError(f"input size {height}x{width} must be positive multiples of {PATCH_SIZE} (H x W)")
-        timm_name, arch_kwargs = ARCHITECTURES[transformer_type]
-        kwargs = dict(arch_kwargs)
-        for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
-            if value:
-                kwargs[key] = value
-        if "num_heads" in kwargs and "embed_dim" in kwargs and kwargs["embed_dim"] % kwargs["num_heads"]:
-            raise ValueError(
-                f"model.embed_dim {kwargs['embed_dim']} is not divisible by model.num_heads {kwargs['num_heads']}"
-            )
+        timm_name, kwargs = _timm_arguments(transformer_type, stride_size, (height, width), embed_dim, depth, num_heads)
         self.transformer_type = transformer_type
         self.timm_name = timm_name
-        self.vit = timm.create_model(
+        self.vit = _timm.create_vit(  # checks the timm internals this module relies on
             timm_name,
-            pretrained=False,
             img_size=(height, width),
             num_classes=0,
             drop_path_rate=drop_path,
@@ -196,10 +206,11 @@ class ViTBackbone(nn.Module):
             attn_drop_rate=att_drop_rate,
             **kwargs,
         )
-        self.embed_dim = self.vit.embed_dim
-        self.num_heads = self.vit.blocks[0].attn.num_heads
-        self.depth = len(self.vit.blocks)
-        self.grid_size = tuple(self.vit.patch_embed.grid_size)  # (rows, cols)
+        blocks = _timm.blocks(self.vit)
+        self.embed_dim = _timm.embed_dim(self.vit)
+        self.num_heads = _timm.attention_parts(blocks[0]).num_heads
+        self.depth = len(blocks)
+        self.grid_size = _timm.grid_size(self.vit)  # (rows, cols)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.img_size = (height, width)
         self.sie_coe = float(sie_coe)
@@ -213,35 +224,22 @@ class ViTBackbone(nn.Module):
         # Grad path: each block's qkv output is stashed (detached) while a forward runs.
         self._qkv: list[torch.Tensor | None] = [None] * self.depth
         self._capturing = False
-        for index, block in enumerate(self.vit.blocks):
-            block.attn.qkv.register_forward_hook(partial(self._stash_qkv, index))
+        for index, block in enumerate(blocks):
+            _timm.qkv_layer(block).register_forward_hook(partial(self._stash_qkv, index))
 
     def _stash_qkv(self, index: int, module: nn.Module, inputs, output: torch.Tensor) -> None:
         if self._capturing:
             self._qkv[index] = output.detach()
 
     @staticmethod
-    def _finish_block(block: nn.Module, x: torch.Tensor, h: torch.Tensor, heads_out: torch.Tensor) -> torch.Tensor:
-        """Rest of a timm ``Block`` after attention: merge heads, proj, residuals, MLP.
-
-        x: block input rows [..., D]; h: their ``norm1`` output (for timm's optional gate);
-        heads_out: attention output [..., h, d] for the same rows.
-        """
-        attn = block.attn
-        out = attn.norm(heads_out.flatten(-2).to(x.dtype))
-        if getattr(attn, "gate", None) is not None:
-            out = out * attn.gate(h).sigmoid()
-        x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
-        return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-
-    def _block_with_probs(self, block: nn.Module, x: torch.Tensor, probs_out: torch.Tensor) -> torch.Tensor:
+    def _block_with_probs(block: nn.Module, x: torch.Tensor, probs_out: torch.Tensor) -> torch.Tensor:
         """One block with its attention written out (no-grad path): output [B, L, D]; the
         probabilities are written into ``probs_out`` [B, h, L, L] (see ``_forward_written_out``)."""
-        attn = block.attn
-        h = block.norm1(x)
+        attn = _timm.attention_parts(block)
+        h = attn.norm1(x)
         q, k, v = _heads_first(attn.qkv(h), 3, attn.num_heads).unbind(0)  # [B, h, L, d] each
         out, _ = attention_with_probs(attn.q_norm(q), attn.k_norm(k), v, attn.scale, attn.attn_drop, probs_out)
-        return self._finish_block(block, x, h, out)
+        return _timm.finish_block(block, x, h, out)
 
     def _last_block_selected(
         self, block: nn.Module, x: torch.Tensor, maps: list[torch.Tensor], select
@@ -252,9 +250,9 @@ class ViTBackbone(nn.Module):
         ``select``, follow; queries, attention output, MLP and the final LayerNorm then run on the
         kept rows only. Returns (tokens [B, L, D], zero at dropped positions; row [B, h, N]; keep).
         """
-        attn = block.attn
+        attn = _timm.attention_parts(block)
         batch, length, dim = x.shape
-        h = block.norm1(x)
+        h = attn.norm1(x)
         weight, bias = attn.qkv.weight, attn.qkv.bias
         kv = F.linear(h, weight[dim:], None if bias is None else bias[dim:])  # [B, L, 2D]
         k, v = _heads_first(kv, 2, attn.num_heads).unbind(0)  # [B, h, L, d]
@@ -278,20 +276,18 @@ class ViTBackbone(nn.Module):
         q[seq, rank] = queries(h_rows)
         q = attn.q_norm(_heads_first(q, 1, attn.num_heads)[0])  # [B, h, Lq, d]
         out, _ = attention_with_probs(q, k, v, attn.scale, attn.attn_drop)  # [B, Lq, h, d]
-        kept = self.vit.norm(self._finish_block(block, x_rows, h_rows, out[seq, rank]))
+        kept = _timm.final_norm(self.vit, _timm.finish_block(block, x_rows, h_rows, out[seq, rank]))
         tokens = kept.new_zeros(batch * length, kept.shape[-1]).index_copy_(0, rows, kept)
         return tokens.reshape(batch, length, -1), row, keep
 
     def embed(self, images: torch.Tensor, cam_ids: torch.Tensor | None) -> torch.Tensor:
         """Patchify, prepend CLS, add position and SIE terms: [B, 1+N, D]."""
-        vit = self.vit
-        x = vit.patch_embed(images)  # [B, N, D]
-        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + vit.pos_embed
+        sie = None
         if self.sie_embed is not None:
             if cam_ids is None:
                 raise ValueError("the SIE camera embedding is enabled (model.sie_camera): pass the camera ids")
-            x = x + self.sie_coe * self.sie_embed[cam_ids.to(device=x.device, dtype=torch.long)]
-        return vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+            sie = self.sie_coe * self.sie_embed[cam_ids.to(device=self.sie_embed.device, dtype=torch.long)]  # [B, 1, D]
+        return _timm.embed_tokens(self.vit, images, sie)
 
     def check_cameras(self, cam_ids: torch.Tensor | None) -> None:
         if self.sie_embed is None or cam_ids is None or cam_ids.numel() == 0:
@@ -332,9 +328,8 @@ class ViTBackbone(nn.Module):
         self.check_cameras(cam_ids)
         x = self.embed(images, cam_ids)
         if not (rollout or return_attn or select is not None):
-            for block in self.vit.blocks:
-                x = block(x)
-            return BackboneOutput(tokens=self.vit.norm(x), rollout=None, attn=None)
+            tokens = _timm.final_norm(self.vit, _timm.run_blocks(self.vit, x))
+            return BackboneOutput(tokens=tokens, rollout=None, attn=None)
         if torch.is_grad_enabled():
             tokens, maps, row = self._forward_captured(x, return_attn)
             keep = select(row) if select is not None else None
@@ -348,14 +343,12 @@ class ViTBackbone(nn.Module):
         """Grad path: timm blocks (fused attention), maps recomputed afterwards from captured qkv."""
         self._capturing = True
         try:
-            for block in self.vit.blocks:
-                x = block(x)
-            tokens = self.vit.norm(x)
+            tokens = _timm.final_norm(self.vit, _timm.run_blocks(self.vit, x))
             with torch.no_grad():
-                blocks = list(self.vit.blocks)
+                blocks = _timm.blocks(self.vit)
 
                 def probs(index: int, queries: slice = slice(None)) -> torch.Tensor:  # [B, h, Lq, L]
-                    attn = blocks[index].attn
+                    attn = _timm.attention_parts(blocks[index])
                     qkv = self._qkv[index].unflatten(-1, (3, attn.num_heads, -1))[:, :, :2]
                     q, k = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d] views
                     return attention_probs(attn.q_norm(q[:, :, queries]), attn.k_norm(k), attn.scale)
@@ -380,12 +373,11 @@ class ViTBackbone(nn.Module):
         allocator cannot reuse their memory and the later blocks run on fresh pages (on CPU the
         page faults made some MLP activations 10-20x slower than in the bare backbone).
         """
-        blocks = list(self.vit.blocks)
+        blocks = _timm.blocks(self.vit)
         early_select = select is not None and not return_attn
         written = blocks[:-1] if early_select else blocks
         batch, length, _ = x.shape
-        heads = blocks[0].attn.num_heads
-        buffer = x.new_empty(len(written), batch, heads, length, length, dtype=torch.float32)
+        buffer = x.new_empty(len(written), batch, self.num_heads, length, length, dtype=torch.float32)
         maps: list[torch.Tensor] = list(buffer.unbind(0))  # [B, h, L, L] each
         for block, probs in zip(written, maps):
             x = self._block_with_probs(block, x, probs)
@@ -394,7 +386,7 @@ class ViTBackbone(nn.Module):
             return tokens, None, row, keep
         row = rollout_cls_row(maps)
         keep = select(row) if select is not None else None
-        return self.vit.norm(x), maps, row, keep
+        return _timm.final_norm(self.vit, x), maps, row, keep
 
 
 def build_backbone(model_cfg, img_size: tuple[int, int], num_cameras: int) -> ViTBackbone:

@@ -1,6 +1,7 @@
-"""EDITOR assembly: shared backbone -> SFTS -> HMA -> heads (spec §1-§3).
+"""EDITOR assembly: shared backbone -> SFTS -> HMA -> heads (docs/official-behaviour.md#backbone, #sfts, #hma).
 
-Module map (official names of spec §8.2 in brackets; :mod:`editor_reid.model.official` converts):
+Module map (official names in brackets, docs/official-behaviour.md#checkpoint-layout;
+:mod:`editor_reid.model.official` converts):
 
 * ``backbone``  [BACKBONE.base]: timm ViT + ``sie_embed`` + unused ``fc``;
 * ``sfts``      [SFTS, FREQ_INDEX]: token selection, no parameters;
@@ -28,7 +29,9 @@ from torch import nn
 
 from editor_reid.model.backbone import ViTBackbone, build_backbone
 from editor_reid.model.hma import HMA
+from editor_reid.model.pretrained import load_pretrained
 from editor_reid.model.sfts import SFTS
+from editor_reid.modalities import MODALITIES
 
 __all__ = [
     "EDITOR",
@@ -36,11 +39,7 @@ __all__ = [
     "EditorTrainOutput",
     "build_model",
     "count_parameters",
-    "MODALITIES",
 ]
-
-
-MODALITIES = ("RGB", "NI", "TI")
 
 
 @dataclass
@@ -61,7 +60,8 @@ class EditorEvalOutput:
 
 
 def _bn_neck(dim: int) -> nn.BatchNorm1d:
-    bn = nn.BatchNorm1d(dim)  # trainable bias, unlike TransReID's BNNeck (spec §3.6)
+    # trainable bias, unlike TransReID's BNNeck (docs/official-behaviour.md#heads-and-feature)
+    bn = nn.BatchNorm1d(dim)
     nn.init.ones_(bn.weight)
     nn.init.zeros_(bn.bias)
     return bn
@@ -224,15 +224,17 @@ def build_model(cfg, num_classes: int, num_cameras: int, *, pretrained: bool = F
         al=m.al,
     )
     if pretrained and m.pretrain_path and m.pretrain_choice != "none":
-        from editor_reid.model.pretrained import load_pretrained
-
         load_pretrained(model, m.pretrain_path, m.pretrain_choice)
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Paper-style count (§7.4): trainable parameters, including the unused backbone ``fc``.
+def count_parameters(model: nn.Module | None) -> int:
+    """Paper-style count: trainable parameters, including the unused backbone ``fc``
+    (docs/official-behaviour.md#parameter-count).
 
     Buffers (BN running statistics) and frozen tensors such as OCFR centres are not counted.
+    ``None`` (a part the configuration does not build) counts 0.
     """
+    if model is None:
+        return 0
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

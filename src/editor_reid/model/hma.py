@@ -1,10 +1,10 @@
-"""HMA: Hierarchical Masked Aggregation (spec §3).
+"""HMA: Hierarchical Masked Aggregation (docs/official-behaviour.md#hma).
 
 Official semantics: each modality's SFTS-masked backbone tokens go through its own pre-LN masked
 transformer block, then the three sequences are concatenated and go through one shared masked
 block, a LayerNorm ``out_norm`` and re-masking. Per modality, the CLS output and the mean of the
-selected patch outputs (divided by |M_U|, §10.20) are concatenated (2D) and reduced to D by a
-per-modality Linear (``reduce``); the three results concatenated are f_HMA [B, 3D], the
+selected patch outputs (divided by |M_U|, docs/official-behaviour.md#quirk-patch-mean-divisor) are concatenated (2D)
+and reduced to D by a per-modality Linear (``reduce``); the three results concatenated are f_HMA [B, 3D], the
 retrieval feature. The stage-1 CLS outputs feed OCFR.
 
 In the official masked computation a dropped token is exactly zero at every step (inputs are

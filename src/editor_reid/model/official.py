@@ -1,4 +1,4 @@
-"""Import (and export) state dicts in the official EDITOR key layout (spec §8.2).
+"""Import (and export) state dicts in the official EDITOR key layout (docs/official-behaviour.md#checkpoint-layout).
 
 Our modules use clean names; this module is the single place that knows the official ones:
 
@@ -21,6 +21,10 @@ AL_HEAD / AL_BN                     al_head / al_bn (AL=1 only)
 FREQ_INDEX.{DWT,IDWT}.*             fixed Haar filters: ignored
 FUSE_block.memory_cls.*_centers     OCFR centres: returned in ``report.extra["ocfr_centers"]``
 ==================================  ==========================================
+
+Loading is a filter function (:func:`official_to_ours`: official state dict in, ours out)
+followed by one ``load_state_dict``; the fit is checked before that load, so a checkpoint that
+does not fit leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -28,13 +32,24 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-__all__ = ["LoadReport", "OfficialCheckpointError", "load_official_checkpoint", "official_key", "to_official_state_dict"]
+__all__ = [
+    "LoadReport",
+    "OfficialCheckpointError",
+    "is_official_state_dict",
+    "load_official_checkpoint",
+    "official_key",
+    "official_model_sizes",
+    "official_to_ours",
+    "to_official_state_dict",
+]
 
 _LETTER = {"RGB": "R", "NI": "N", "TI": "T"}
 _REDUCE = {"RGB": "RGB", "NI": "NIR", "TI": "TIR"}
@@ -49,6 +64,8 @@ _HEADS = {
 }
 _FUSION = {"norm1": "norm1", "attn": "attn1", "norm2": "norm2", "mlp": "mlp"}
 _MODAL = {"norm1": "norm{}", "attn": "attn{}", "norm2": "norm{}_", "mlp": "mlp{}"}
+_CENTRE_KEY = re.compile(r"^FUSE_block\.memory_cls\.(RGB|NIR|TIR)_centers$")
+_CENTRE_MODALITY = {"RGB": "RGB", "NIR": "NI", "TIR": "TI"}
 
 
 class OfficialCheckpointError(ValueError):
@@ -100,8 +117,8 @@ def _haar_filter_buffers() -> dict[str, torch.Tensor]:
 
 
 def to_official_state_dict(model: nn.Module, ocfr_centers: dict[str, torch.Tensor] | None = None) -> OrderedDict:
-    """Our model's state dict renamed to the official layout (spec §8.2), with the Haar filter
-    buffers and the OCFR centres (zeros unless given) the official checkpoints carry."""
+    """Our model's state dict renamed to the official layout (docs/official-behaviour.md#checkpoint-layout), with the
+    Haar filter buffers and the OCFR centres (zeros unless given) the official checkpoints carry."""
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in model.state_dict().items():
         out[official_key(key)] = value.detach().clone()
@@ -113,6 +130,32 @@ def to_official_state_dict(model: nn.Module, ocfr_centers: dict[str, torch.Tenso
                 centre = torch.zeros(model.num_classes, model.embed_dim)
             out[f"FUSE_block.memory_cls.{name}"] = centre.detach().clone()
     return out
+
+
+def _without_module_prefix(state: Mapping) -> dict:
+    """A copy of ``state`` without DDP's "module." prefix; the official loader strips it the same way."""
+    state = dict(state)  # the prefix is consumed in place
+    consume_prefix_in_state_dict_if_present(state, "module.")
+    return state
+
+
+def is_official_state_dict(state) -> bool:
+    """True for a non-empty mapping in the official key layout (``BACKBONE.base.*`` or
+    ``FUSE_block.*`` keys, with or without DDP's "module." prefix)."""
+    if not isinstance(state, Mapping) or not state:
+        return False
+    keys = _without_module_prefix({k: None for k in state if isinstance(k, str)})
+    return any(k.startswith(("BACKBONE.base.", "FUSE_block.")) for k in keys)
+
+
+def official_model_sizes(state: Mapping) -> tuple[int | None, int | None]:
+    """(num_classes, num_cameras) an official checkpoint was trained with, read from the rows of
+    ``FUSE_HEAD.weight`` and of the SIE table ``BACKBONE.base.sie_embed``; None where absent."""
+    state = _without_module_prefix(state)
+    head, sie = state.get("FUSE_HEAD.weight"), state.get("BACKBONE.base.sie_embed")
+    num_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else None
+    num_cameras = int(sie.shape[0]) if isinstance(sie, torch.Tensor) and sie.dim() == 3 else None
+    return num_classes, num_cameras
 
 
 def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
@@ -132,8 +175,56 @@ def _read(path_or_state_dict) -> dict[str, torch.Tensor]:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise OfficialCheckpointError(f"{source} is not a state dict of tensors")
-    # DDP checkpoints carry a "module." prefix; the official loader strips it the same way.
-    return {k.replace("module.", "", 1) if k.startswith("module.") else k: v for k, v in state.items()}
+    return state
+
+
+def official_to_ours(
+    state: Mapping[str, torch.Tensor], model: nn.Module
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str]]:
+    """An official state dict (DDP's "module." prefix allowed) -> (state dict in our names, OCFR
+    centres keyed RGB/NI/TI, official keys deliberately not loaded).
+
+    Not loaded: the fixed Haar filters, the OCFR centres (returned instead) and heads ``model``
+    does not build (``AL_*`` for an AL=0 model). A key with no counterpart in ``model`` is kept
+    under its official name, so that loading reports it.
+    """
+    to_ours = {official_key(k): k for k in model.state_dict()}
+    ours: dict[str, torch.Tensor] = {}
+    centres: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for key, value in _without_module_prefix(state).items():
+        if key.startswith("FREQ_INDEX."):
+            ignored.append(key)
+        elif m := _CENTRE_KEY.match(key):
+            centres[_CENTRE_MODALITY[m.group(1)]] = value
+            ignored.append(key)
+        elif key in to_ours:
+            ours[to_ours[key]] = value
+        elif key.split(".", 1)[0] in _HEADS.values():
+            ignored.append(key)
+        else:
+            ours[key] = value
+    return ours, centres, ignored
+
+
+def _fit_problems(ours: dict[str, torch.Tensor], own: dict[str, torch.Tensor], missing: list[str]) -> list[str]:
+    """What ``load_state_dict`` would refuse, or leave out of the feature path, as report lines
+    in official names (none: it fits)."""
+    mismatched = [
+        f"{official_key(k)} -> {k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in ours.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    unexpected = [k for k in ours if k not in own]
+    required = [official_key(k) for k in missing if not _is_head(k) and not k.startswith("backbone.fc.")]
+    lines = []
+    if mismatched:
+        lines.append("  shape mismatches: " + "; ".join(mismatched[:20]))
+    if unexpected:
+        lines.append("  keys not in the model: " + ", ".join(unexpected[:20]))
+    if required:
+        lines.append("  model keys not in the file: " + ", ".join(required[:20]))
+    return lines
 
 
 def load_official_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport:
@@ -145,44 +236,17 @@ def load_official_checkpoint(model: nn.Module, path_or_state_dict) -> LoadReport
     for an AL=0 model) are listed in ``ignored_keys``. The OCFR centres are returned in
     ``report.extra["ocfr_centers"]`` (keyed RGB/NI/TI) for the loss module.
     """
-    state = _read(path_or_state_dict)
+    ours, centres, ignored = official_to_ours(_read(path_or_state_dict), model)
     own = model.state_dict()
-    to_ours = {official_key(k): k for k in own}
-    report = LoadReport()
-    centers: dict[str, torch.Tensor] = {}
-    unexpected, mismatched, matched = [], [], {}
-    for key, value in state.items():
-        if key.startswith("FREQ_INDEX."):
-            report.ignored_keys.append(key)
-        elif m := re.match(r"^FUSE_block\.memory_cls\.(RGB|NIR|TIR)_centers$", key):
-            centers[{"RGB": "RGB", "NIR": "NI", "TIR": "TI"}[m.group(1)]] = value
-            report.ignored_keys.append(key)
-        elif key in to_ours:
-            ours = to_ours[key]
-            if value.shape != own[ours].shape:
-                mismatched.append(f"{key} -> {ours}: file {tuple(value.shape)} vs model {tuple(own[ours].shape)}")
-            else:
-                matched[ours] = value
-        elif key.split(".", 1)[0] in _HEADS.values():
-            report.ignored_keys.append(key)  # a head this model does not build (e.g. AL_* with al=0)
-        else:
-            unexpected.append(key)
-    missing = [k for k in own if k not in matched]
-    required = [official_key(k) for k in missing if not _is_head(k) and not k.startswith("backbone.fc.")]
-    if unexpected or mismatched or required:
-        lines = ["official checkpoint does not fit the model (check num_classes, num_cameras, model.al, input size):"]
-        if mismatched:
-            lines.append("  shape mismatches: " + "; ".join(mismatched[:20]))
-        if unexpected:
-            lines.append("  keys not in the model: " + ", ".join(unexpected[:20]))
-        if required:
-            lines.append("  model keys not in the file: " + ", ".join(required[:20]))
-        raise OfficialCheckpointError("\n".join(lines))
-    with torch.no_grad():
-        for ours, value in matched.items():
-            own[ours].copy_(value.to(own[ours].dtype))
-    report.loaded_keys = sorted(matched)
-    report.missing_keys = missing
-    if centers:
-        report.extra["ocfr_centers"] = centers
+    # Counted before loading, so that a checkpoint that does not fit changes nothing; and not taken
+    # from load_state_dict, whose BatchNorm fills in a missing num_batches_tracked and omits it.
+    missing = [k for k in own if k not in ours]
+    problems = _fit_problems(ours, own, missing)
+    if problems:
+        header = "official checkpoint does not fit the model (check num_classes, num_cameras, model.al, input size):"
+        raise OfficialCheckpointError("\n".join([header, *problems]))
+    model.load_state_dict(ours, strict=False)
+    report = LoadReport(loaded_keys=sorted(ours), ignored_keys=ignored, missing_keys=missing)
+    if centres:
+        report.extra["ocfr_centers"] = centres
     return report

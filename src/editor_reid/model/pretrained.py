@@ -9,12 +9,16 @@ Supported files (``cfg.model.pretrain_path``):
   ``torch.jit.load`` only when it is not a plain state dict) or any state dict with ``visual.*``
   keys; converted with timm's OpenAI-CLIP key filter.
 
-Loading follows the official rule (spec §1.4): unwrap ``model``/``state_dict``, skip keys that
-contain ``head`` or ``dist`` (and timm's obsolete ``pre_logits``), reshape a 2-D patch-embedding
+Loading follows the official rule (docs/official-behaviour.md#pretrained-weights): unwrap ``model``/``state_dict``,
+skip keys that contain ``head`` or ``dist`` (and timm's obsolete ``pre_logits``), reshape a 2-D patch-embedding
 weight to the conv shape, resize ``pos_embed`` from the pretrained grid with bilinear
 interpolation (``align_corners=False``), copy everything else by name. Every other key must
 exist in the backbone with the same shape, and every backbone tensor except the SIE table and the
 unused ``fc`` must be provided; otherwise a :class:`PretrainedLoadError` names the keys.
+
+As in timm, the conversion is a filter function (:func:`filter_pretrained`: state dict in, the
+backbone's state dict out) followed by one ``load_state_dict``. The fit is checked before that
+load, so a file that does not fit leaves the backbone untouched.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from editor_reid.model import _timm
 from editor_reid.model.backbone import PATCH_SIZE, ViTBackbone
 
-__all__ = ["PretrainedLoadError", "PretrainedReport", "load_pretrained", "read_state_dict", "resize_pos_embed"]
+__all__ = ["PretrainedLoadError", "PretrainedReport", "filter_pretrained", "load_pretrained", "read_state_dict"]
 
 PRETRAIN_CHOICES = ("imagenet", "clip", "none")
 # Backbone tensors a pretrained ViT does not provide: trained from scratch (SIE) or unused (fc).
@@ -54,18 +61,6 @@ class PretrainedReport:
     resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
 
-def resize_pos_embed(
-    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], num_prefix: int = 1
-) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize of a [1, prefix+H*W, D] table to another grid (spec §1.4)."""
-    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    dim = grid.shape[-1]
-    grid = grid.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bilinear", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
-
-
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -79,12 +74,12 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not obj:
         raise PretrainedLoadError(f"'{path}' does not contain a state dict (got {type(obj).__name__})")
-    if all(k.startswith("module.") for k in obj):  # saved from a DataParallel/DDP wrapper
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    state = dict(obj)  # the prefix is consumed in place
+    consume_prefix_in_state_dict_if_present(state, "module.")  # saved from a DataParallel/DDP wrapper
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise PretrainedLoadError(f"'{path}': entries {bad[:5]} are not tensors; expected a state dict")
-    return obj
+    return state
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -93,8 +88,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights '{path}' (model.pretrain_path) do not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return dict(load_file(str(path), device="cpu"))
     if _is_torchscript(path):  # OpenAI's ViT-B-16.pt; weights_only loading cannot open it
         with warnings.catch_warnings():
@@ -110,8 +103,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _npz_state_dict(path: Path, backbone: ViTBackbone) -> dict[str, torch.Tensor]:
     """Read a Google ViT ``.npz`` with timm's loader into a timm ViT at the checkpoint's own grid."""
-    from timm.models.vision_transformer import _load_weights
-
     with np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
         pos_key = next((k for k in names if k.endswith("posembed_input/pos_embedding")), None)
@@ -138,37 +129,95 @@ def _npz_state_dict(path: Path, backbone: ViTBackbone) -> dict[str, torch.Tensor
         drop_path=0.0,
     ).vit
     try:
-        with torch.no_grad():
-            _load_weights(native, str(path))
+        _timm.load_npz_weights(native, path)
     except (KeyError, RuntimeError) as exc:
         raise PretrainedLoadError(f"'{path}' does not fit {backbone.transformer_type}: {exc}") from exc
     return native.state_dict()
 
 
-def _convert_clip(state: dict[str, torch.Tensor], vit: nn.Module) -> dict[str, torch.Tensor]:
-    from timm.models.vision_transformer import _convert_openai_clip
-
-    prefix = "module.visual." if "module.visual.class_embedding" in state else "visual."
-    return _convert_openai_clip(state, vit, prefix=prefix)
-
-
-def _detect_layout(state: dict[str, torch.Tensor]) -> str:
-    if "visual.class_embedding" in state or "module.visual.class_embedding" in state:
-        return "clip"
-    return "timm"
+def _is_clip(state: dict[str, torch.Tensor]) -> bool:
+    return "visual.class_embedding" in state
 
 
 def _ignored(key: str) -> bool:
     return "head" in key or "dist" in key or key.startswith("pre_logits")
 
 
-def _square_grid(count: int, key: str, path: str) -> tuple[int, int]:
+def _resize_pos_embed(table: torch.Tensor, new_grid: tuple[int, int], distilled: bool) -> torch.Tensor:
+    """[1, prefix+s*s, D] -> [1, 1+rows*cols, D] on the backbone's grid. A distilled table's
+    second prefix token (the distillation token's position) is dropped after the resize."""
+    prefix = 2 if distilled else 1
+    count = table.shape[1] - prefix
     side = math.isqrt(count)
     if side * side != count:
         raise PretrainedLoadError(
-            f"'{path}': '{key}' holds {count} patch positions, not a square grid; cannot infer its layout"
+            f"'pos_embed' holds {count} patch positions, not a square grid; cannot infer its layout"
         )
-    return side, side
+    # The official resize is bilinear without antialiasing; timm's defaults (bicubic, antialias) differ.
+    resized = resample_abs_pos_embed(
+        table,
+        new_size=list(new_grid),
+        old_size=[side, side],
+        num_prefix_tokens=prefix,
+        interpolation="bilinear",
+        antialias=False,
+        align_corners=False,
+    )
+    return torch.cat([resized[:, :1], resized[:, 2:]], dim=1) if distilled else resized
+
+
+def filter_pretrained(state: dict[str, torch.Tensor], backbone: ViTBackbone) -> dict[str, torch.Tensor]:
+    """A pretrained state dict (timm or OpenAI CLIP key layout) -> a state dict for ``backbone``.
+
+    Drops the ``head``/``dist``/``pre_logits`` keys, reshapes a 2-D patch-embedding weight to
+    the conv shape and resizes ``pos_embed`` to the backbone's grid. Keys the backbone does not
+    have are kept (under their ``vit.`` name) so that loading reports them.
+    """
+    if _is_clip(state):
+        state = _timm.convert_openai_clip(state, backbone.vit)
+    own = backbone.state_dict()
+    distilled = "dist_token" in state
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if _ignored(key):
+            continue
+        target = key if key == "sie_embed" or key.startswith("fc.") else f"vit.{key}"
+        expected = own[target].shape if target in own else None
+        if key == "patch_embed.proj.weight" and expected and value.ndim == 2 and value.numel() == expected.numel():
+            value = value.reshape(expected)
+        elif key == "pos_embed" and expected and value.shape != expected:
+            value = _resize_pos_embed(value, backbone.grid_size, distilled)
+        out[target] = value
+    return out
+
+
+def _fit_problems(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
+    """What ``load_state_dict`` would refuse or leave out, as report lines (none: it fits)."""
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = sorted(
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    )
+    missing = sorted(k for k in own if k not in state and not _OPTIONAL.match(k))
+    lines = []
+    if unexpected:
+        lines.append(f"  keys not in the model: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+    if mismatched:
+        lines.append(f"  shape mismatches: {'; '.join(mismatched[:20])}")
+    if missing:
+        lines.append(f"  model keys not in the file: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    return lines
+
+
+def _read_pretrained(path: Path, backbone: ViTBackbone) -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict in timm's key layout, the layout of the file)."""
+    if path.suffix == ".npz":
+        return _npz_state_dict(path, backbone), "npz"
+    state = read_state_dict(path)
+    if _is_clip(state):
+        return _timm.convert_openai_clip(state, backbone.vit), "clip"
+    return state, "timm"
 
 
 def load_pretrained(model_or_backbone: nn.Module, path: str | Path, choice: str = "imagenet") -> PretrainedReport:
@@ -188,64 +237,25 @@ def load_pretrained(model_or_backbone: nn.Module, path: str | Path, choice: str 
         return PretrainedReport(path=str(path), layout="none")
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights '{path}' (model.pretrain_path) do not exist")
-    if path.suffix == ".npz":
-        state, layout = _npz_state_dict(path, backbone), "npz"
-    else:
-        state = read_state_dict(path)
-        layout = _detect_layout(state)
-        if layout == "clip":
-            state = _convert_clip(state, backbone.vit)
+    state, layout = _read_pretrained(path, backbone)
     if (choice == "clip") != (layout == "clip"):
         found = "an OpenAI CLIP (visual.*)" if layout == "clip" else "a timm/ImageNet ViT"
         raise PretrainedLoadError(
             f"'{path}' is {found} checkpoint but model.pretrain_choice is '{choice}' "
             f"(use 'clip' with vit_base_patch16_clip_224, 'imagenet' with the ImageNet ViTs)"
         )
-
-    report = PretrainedReport(path=str(path), layout=layout)
-    own = backbone.state_dict()
-    converted: dict[str, torch.Tensor] = {}
-    distilled = "dist_token" in state
-    for key, value in state.items():
-        if _ignored(key):
-            report.ignored_keys.append(key)
-            continue
-        target = key if key in ("sie_embed",) or key.startswith("fc.") else f"vit.{key}"
-        if target not in own:
-            converted[target] = value  # reported as unexpected below
-            continue
-        expected = own[target].shape
-        if key == "patch_embed.proj.weight" and value.ndim == 2 and value.numel() == own[target].numel():
-            value = value.reshape(expected)
-        elif key == "pos_embed" and value.shape != expected:
-            prefix = 2 if distilled else 1
-            old_grid = _square_grid(value.shape[1] - prefix, key, str(path))
-            resized = resize_pos_embed(value, old_grid, backbone.grid_size, num_prefix=prefix)
-            if distilled:
-                resized = torch.cat([resized[:, :1], resized[:, 2:]], dim=1)
-            report.resized[key] = (tuple(value.shape), tuple(resized.shape))
-            value = resized
-        converted[target] = value
-
-    unexpected = sorted(k for k in converted if k not in own)
-    mismatched = sorted(
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in converted.items()
-        if k in own and v.shape != own[k].shape
-    )
-    missing = sorted(k for k in own if k not in converted and not _OPTIONAL.match(k))
-    if unexpected or mismatched or missing:
-        lines = [f"pretrained weights '{path}' ({layout} layout) do not fit the {backbone.transformer_type} backbone:"]
-        if unexpected:
-            lines.append(f"  keys not in the model: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-        if mismatched:
-            lines.append(f"  shape mismatches: {'; '.join(mismatched[:20])}")
-        if missing:
-            lines.append(f"  model keys not in the file: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-        raise PretrainedLoadError("\n".join(lines))
-    with torch.no_grad():
-        for key, value in converted.items():
-            own[key].copy_(value.to(own[key].dtype))
+    try:
+        converted = filter_pretrained(state, backbone)
+    except PretrainedLoadError as exc:
+        raise PretrainedLoadError(f"'{path}': {exc}") from exc
+    problems = _fit_problems(converted, backbone.state_dict())
+    if problems:
+        header = f"pretrained weights '{path}' ({layout} layout) do not fit the {backbone.transformer_type} backbone:"
+        raise PretrainedLoadError("\n".join([header, *problems]))
+    result = backbone.load_state_dict(converted, strict=False)  # nothing unexpected: checked above
+    report = PretrainedReport(path=str(path), layout=layout, ignored_keys=[k for k in state if _ignored(k)])
     report.loaded_keys = sorted(converted)
-    report.missing_keys = sorted(k for k in own if k not in converted)
+    report.missing_keys = sorted(result.missing_keys)
+    if "vit.pos_embed" in converted and converted["vit.pos_embed"].shape != state["pos_embed"].shape:
+        report.resized["pos_embed"] = (tuple(state["pos_embed"].shape), tuple(converted["vit.pos_embed"].shape))
     return report

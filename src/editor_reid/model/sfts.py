@@ -1,12 +1,14 @@
-"""SFTS: Spatial-Frequency Token Selection (spec §2).
+"""SFTS: Spatial-Frequency Token Selection (docs/official-behaviour.md#sfts).
 
 One boolean mask ``M_U`` [B, N] over the patch tokens, shared by all modalities; the CLS token
 is always kept. Selection has no parameters and no gradient (indices from ``torch.topk``).
 
-* Spatial (§2.1): per modality and per head, the CLS row (without the CLS column) of the
+* Spatial (docs/official-behaviour.md#sfts-spatial): per modality and per head, the CLS row (without the CLS column)
+of the
   attention product ``A_L ··· A_1`` (no residual, no renormalisation); top ``head_keep`` patches
   per head; union over heads and over modalities.
-* Frequency, ``mode="official"`` (§2.2): 4-level 2-D Haar DWT (mode 'zero') of each normalised
+* Frequency, ``mode="official"`` (docs/official-behaviour.md#sfts-frequency): 4-level 2-D Haar DWT (mode 'zero') of
+each normalised
   input, mean of every band across modalities, inverse DWT, mean over colour channels, score of a
   16x16 patch = number of pixels > 0, top ``frequency_keep``. The DWT is linear and invertible,
   so this equals the same count on the pixel-wise modality mean (``shortcut=True``); both paths
