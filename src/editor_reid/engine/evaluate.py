@@ -46,7 +46,7 @@ def _load_ours(model: nn.Module, path: str | Path, state: Mapping[str, Any]) -> 
             f"checkpoint '{path}' does not fit the model built from this config; test it with the run's "
             f"config.yaml (next to checkpoints/): {exc}"
         ) from exc
-    epoch = state["epoch"] if "epoch" in state else state["progress"]["epoch"]
+    epoch = state.get("epoch", state.get("progress", {}).get("epoch"))  # weights file, or a training state
     return LoadedWeights("editor-reid", str(path), epoch=epoch, metrics=state.get("metrics"),
                          config=state.get("config"))
 
