@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from editor_reid.data.layouts import DATASET_NAMES
+from editor_reid.errors import UsageError
 from editor_reid.modalities import MODALITIES
 
 __all__ = [
@@ -40,7 +41,7 @@ __all__ = [
 AMP_CHOICES = ("none", "fp16", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration file, key or value is invalid."""
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from editor_reid.errors import EditorReidError
 from editor_reid.modalities import MODALITIES
 
 __all__ = [
@@ -335,7 +336,7 @@ class EditorCriterion(nn.Module):
         self.ocfr.load_official_centers(centers)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(EditorReidError, FloatingPointError):
     """A loss term became NaN or infinite; names the term(s), epoch and step."""
 
     def __init__(self, terms: dict[str, float], epoch: int, step: int) -> None:

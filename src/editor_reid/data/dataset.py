@@ -10,15 +10,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from editor_reid.modalities import MODALITIES
 from editor_reid.data.layouts import Sample
+from editor_reid.errors import EditorReidError
+from editor_reid.modalities import MODALITIES
 
 __all__ = ["BadImageError", "read_image", "read_sample_images", "MultiModalDataset"]
 
 logger = logging.getLogger(__name__)
 
 
-class BadImageError(RuntimeError):
+class BadImageError(EditorReidError, RuntimeError):
     """An image file is missing, does not decode, or has the wrong geometry."""
 
     def __init__(self, path: str, reason: str = "cannot be decoded"):

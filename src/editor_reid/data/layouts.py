@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from editor_reid.errors import EditorReidError
 from editor_reid.modalities import MODALITIES
 
 __all__ = [
@@ -61,7 +62,7 @@ STRIP_WIDTH = 256
 KNOWN_TRAIN_STATS = {"rgbnt201": (171, 4), "rgbnt100": (50, 8), "msvr310": (155, 8), "market1501mm": (751, 6)}
 
 
-class LayoutError(ValueError):
+class LayoutError(EditorReidError, ValueError):
     """A file name or directory does not follow the dataset's layout."""
 
 

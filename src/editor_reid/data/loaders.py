@@ -11,6 +11,7 @@ epoch from that base seed instead of carrying their RNG streams across epochs.
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -59,7 +60,15 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed NumPy and ``random`` in a worker from torch's per-worker seed (base seed + id)."""
+    """Seed NumPy and ``random`` in a worker from torch's per-worker seed (base seed + id).
+
+    Workers also ignore SIGINT and SIGTERM: Ctrl-C and a cluster's pre-emption signal reach the
+    whole process group, and a worker dying of it would abort the main process's step (torch
+    reports a dead worker at once), which instead finishes the step, writes a checkpoint and
+    then shuts its workers down itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

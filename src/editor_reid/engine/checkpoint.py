@@ -29,6 +29,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from editor_reid.errors import EditorReidError
+
 __all__ = [
     "STATE_FORMAT",
     "WEIGHTS_FORMAT",
@@ -54,7 +56,7 @@ CHECKPOINT_VERSION = 1
 _SAFE_LEAVES = (torch.Tensor, bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(EditorReidError, RuntimeError):
     """A checkpoint cannot be written or read safely."""
 
 

@@ -18,6 +18,8 @@ import timm
 import torch
 from torch import nn
 
+from editor_reid.errors import EditorReidError
+
 __all__ = [
     "TESTED_TIMM",
     "AttentionParts",
@@ -76,7 +78,7 @@ _VIT_MODULE = "timm.models.vision_transformer"
 _FUNCTIONS = ("_load_weights", "_convert_openai_clip")
 
 
-class UnsupportedTimmError(RuntimeError):
+class UnsupportedTimmError(EditorReidError, RuntimeError):
     """The installed timm lacks an internal the backbone or the pretrained loader relies on."""
 
 

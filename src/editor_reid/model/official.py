@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from editor_reid.errors import EditorReidError
+
 __all__ = [
     "LoadReport",
     "OfficialCheckpointError",
@@ -68,7 +70,7 @@ _CENTRE_KEY = re.compile(r"^FUSE_block\.memory_cls\.(RGB|NIR|TIR)_centers$")
 _CENTRE_MODALITY = {"RGB": "RGB", "NIR": "NI", "TIR": "TI"}
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(EditorReidError, ValueError):
     """An official checkpoint does not fit the model; the message names the keys."""
 
 

@@ -37,6 +37,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from editor_reid.errors import EditorReidError
 from editor_reid.model import _timm
 from editor_reid.model.backbone import PATCH_SIZE, ViTBackbone
 
@@ -47,7 +48,7 @@ PRETRAIN_CHOICES = ("imagenet", "clip", "none")
 _OPTIONAL = re.compile(r"^(sie_embed|fc\.(weight|bias))$")
 
 
-class PretrainedLoadError(ValueError):
+class PretrainedLoadError(EditorReidError, ValueError):
     """A pretrained file is unreadable or does not fit the backbone; the message names the keys."""
 
 
