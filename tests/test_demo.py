@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from editor_reid.config import load_config
-from editor_reid.engine.demo import DEMO_PRESET, run_demo
+from editor_reid.config import ConfigError, load_config
+from editor_reid.engine.demo import DEMO_PRESET, demo_config, run_demo
 from editor_reid.engine.visualize import (
     patch_object_fraction,
     render_token_selection,
@@ -60,6 +60,17 @@ def test_demo_preset_loads():
     cfg = load_config(DEMO_PRESET)
     assert cfg.solver.deterministic and cfg.dataloader.num_workers == 0
     assert cfg.model.pretrain_choice == "none"
+
+
+@pytest.mark.parametrize("kwargs, named", [({"epochs": 0}, "demo --epochs must be >= 1, got 0"),
+                                           ({"seed": -1}, "'solver.seed': expected in [0, 4294967295], got -1")])
+def test_bad_demo_arguments_are_config_errors(tmp_path, kwargs, named):
+    with pytest.raises(ConfigError) as info:
+        demo_config(tmp_path, **{"seed": 1, **kwargs})
+    assert named in str(info.value)
+    with pytest.raises(ConfigError):  # before any data is written
+        run_demo(tmp_path, **{"seed": 1, **kwargs}, quiet=True)
+    assert not any(tmp_path.iterdir())
 
 
 def test_patch_object_fraction_is_row_major():

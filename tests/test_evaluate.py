@@ -136,3 +136,45 @@ def test_extract_features_zeroes_missing_modalities(trained):
 def test_modality_subsets_order():
     assert [("+".join(s)) for s in modality_subsets()] == ["RGB", "NI", "TI", "RGB+NI", "RGB+TI", "NI+TI", "RGB+NI+TI"]
     assert len(modality_subsets(("RGB", "TI"))) == 3
+
+
+def test_test_needs_only_the_evaluation_split(trained, tmp_path):
+    import shutil
+
+    cfg, run_dir, _ = trained
+    root = tmp_path / "test_only"
+    shutil.copytree(cfg.datasets.root_dir, root)
+    shutil.rmtree(root / "RGBNT201" / "train_171")
+    only = load_config(None, overrides=[*TINY, f"datasets.root_dir={root}"])
+    expected = run_test(cfg, run_dir / "checkpoints" / "last.pt", quiet=True)
+    assert run_test(only, run_dir / "checkpoints" / "last.pt", quiet=True) == pytest.approx(expected)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    torch.save(state["model"], tmp_path / "plain.pt")  # sizes read from the state dict's shapes
+    assert run_test(only, tmp_path / "plain.pt", quiet=True) == pytest.approx(expected)
+
+
+def test_checkpoint_with_too_few_cameras_for_the_data_is_a_clear_error(trained, tmp_path):
+    from editor_reid.engine.checkpoint import CheckpointError, save_checkpoint
+
+    cfg, run_dir, _ = trained
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    state["model"]["backbone.sie_embed"] = state["model"]["backbone.sie_embed"][:2]  # trained on 2 cameras
+    state["num_cameras"] = 2
+    save_checkpoint(tmp_path / "two_cameras.pt", state)
+    with pytest.raises(CheckpointError, match=r"trained with 2 cameras .* camera id 3"):
+        run_test(cfg, tmp_path / "two_cameras.pt", quiet=True)
+
+
+def test_a_missing_modality_twin_is_found_before_evaluation(trained, tmp_path):
+    import shutil
+
+    from editor_reid.data.validate import PreflightError
+
+    cfg, run_dir, _ = trained
+    root = tmp_path / "twinless"
+    shutil.copytree(cfg.datasets.root_dir, root)
+    victim = sorted((root / "RGBNT201" / "test" / "TI").iterdir())[0]
+    victim.unlink()
+    broken = load_config(None, overrides=[*TINY, f"datasets.root_dir={root}"])
+    with pytest.raises(PreflightError, match=victim.name):
+        run_test(broken, run_dir / "checkpoints" / "last.pt", quiet=True)

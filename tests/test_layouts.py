@@ -179,6 +179,32 @@ def test_missing_directories_name_the_expected_path(tmp_path):
         load_dataset("rgbnt201", tmp_path)
 
 
+def test_evaluation_splits_load_without_the_train_directory(tmp_path):
+    base = tmp_path / "Market1501-MM"
+    _paired_tree(base, {"query": ["0003_c1s1_000100_00.jpg"],
+                        "gallery": ["0003_c5s1_000100_00.jpg", "0004_c2s1_0_00.jpg"]})
+    with pytest.raises(FileNotFoundError, match="train"):  # the default still needs train
+        load_dataset("market1501mm", tmp_path)
+    splits = load_dataset("market1501mm", tmp_path, splits=("query", "gallery"))
+    assert splits.train == [] and splits.num_train_pids == 0
+    assert [s.pid for s in splits.query] == [3] and len(splits.gallery) == 2
+    assert splits.num_cameras == 5  # from the loaded splits: camera c5 -> id 4
+    assert splits.root == str(tmp_path)
+    only_query = load_dataset("market1501mm", tmp_path, splits=["query"])
+    assert only_query.gallery == [] and only_query.num_cameras == 1
+    with pytest.raises(ValueError, match="subset"):
+        load_dataset("market1501mm", tmp_path, splits=("test",))
+    with pytest.raises(ValueError, match="subset"):
+        load_dataset("market1501mm", tmp_path, splits=())
+
+
+def test_requested_train_split_must_not_be_empty(tmp_path):
+    _paired_tree(tmp_path / "RGBNT201", {"train_171": [], "test": ["000002_cam1_0_00.jpg"]})
+    with pytest.raises(LayoutError, match="no training images"):
+        load_dataset("rgbnt201", tmp_path)
+    assert load_dataset("rgbnt201", tmp_path, splits=("query", "gallery")).train == []
+
+
 def test_unparseable_name_in_tree_raises_with_path(tmp_path):
     _paired_tree(tmp_path / "RGBNT201", {"train_171": ["000001_cam1_0_00.jpg", "badname.jpg"], "test": ["000002_cam1_0_00.jpg"]})
     with pytest.raises(LayoutError, match="badname.jpg"):

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import get_worker_info
+
+import editor_reid.data.dataset as dataset_module
 
 from editor_reid.config import load_config
 from editor_reid.data.layouts import load_dataset
-from editor_reid.data.loaders import TrainLoader, build_test_loader, build_train_loader, collate, epoch_seed
+from editor_reid.data.loaders import (
+    DataLoaderWorkerError,
+    EvalLoader,
+    TrainLoader,
+    build_test_loader,
+    build_train_loader,
+    collate,
+    epoch_seed,
+)
+from editor_reid.errors import EditorReidError
 from editor_reid.data.synthetic import make_synthetic
 
 
@@ -115,6 +130,8 @@ def test_state_dict_carries_the_sampler_position(splits):
 def test_test_loader_is_ordered_and_complete(splits):
     cfg = _cfg()
     loader = build_test_loader(cfg, splits.gallery)
+    assert isinstance(loader, EvalLoader) and loader.batch_size == 5
+    assert len(loader) == -(-len(splits.gallery) // 5) and loader.dataset.samples == splits.gallery
     indices = torch.cat([b["index"] for b in loader])
     assert indices.tolist() == list(range(len(splits.gallery)))
     camids = torch.cat([b["camid"] for b in loader])
@@ -147,3 +164,65 @@ def test_collate_stacks_modalities():
     assert batch["sceneid"].dtype == torch.long
     partial = collate([{k: v for k, v in item.items() if k != "TI"} for item in items])
     assert "TI" not in partial and partial["RGB"].shape == (3, 3, 4, 2)
+
+
+# ----------------------------------------------------------------------------- dead workers
+
+
+def _die_on(monkeypatch, victim, how: str) -> None:
+    """Reading ``victim`` kills the DataLoader worker reading it, without a Python error (the
+    workers are forked, so they inherit the patched reader)."""
+    read = dataset_module.read_sample_images
+
+    def read_or_die(sample, modalities):
+        if sample is victim and get_worker_info() is not None:
+            if how == "signal":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(3)
+        return read(sample, modalities)
+
+    monkeypatch.setattr(dataset_module, "read_sample_images", read_or_die)
+
+
+def _assert_names(error: DataLoaderWorkerError, index: int, sample, how: str) -> None:
+    assert isinstance(error, EditorReidError) and error.exit_code == 1
+    assert error.worker_id == 0 and error.index == index and f"sample {index}" in str(error)
+    assert all(path in str(error) for path in sample.paths.values())
+    assert ("killed by signal: Killed" if how == "signal" else "exit code 3") in str(error)
+    assert isinstance(error.__cause__, RuntimeError)  # torch's own error stays chained
+
+
+@pytest.mark.parametrize("how", ["signal", "exit"])
+def test_dead_test_worker_names_the_sample(splits, monkeypatch, how):
+    victim = 7
+    _die_on(monkeypatch, splits.gallery[victim], how)
+    loader = build_test_loader(_cfg("dataloader.num_workers=1"), splits.gallery)
+    with pytest.raises(DataLoaderWorkerError) as info:
+        list(loader)
+    _assert_names(info.value, victim, splits.gallery[victim], how)
+
+
+def test_dead_train_worker_names_the_sample(splits, monkeypatch):
+    loader = build_train_loader(_cfg("dataloader.num_workers=1"), splits)
+    loader.set_epoch(0)
+    victim = list(loader.sampler)[3]
+    _die_on(monkeypatch, splits.train[victim], "signal")
+    loader.set_epoch(0)
+    with pytest.raises(DataLoaderWorkerError) as info:
+        list(loader)
+    _assert_names(info.value, victim, splits.train[victim], "signal")
+
+
+def test_a_worker_dying_while_the_main_process_computes_is_reported_too(splits, monkeypatch):
+    """torch raises a dead worker from its SIGCHLD handler wherever the main thread is, most
+    often in the training step, not in the loader's next(): that error names the sample too."""
+    victim = 2
+    _die_on(monkeypatch, splits.gallery[victim], "signal")
+    loader = build_test_loader(_cfg("dataloader.num_workers=1", "test.ims_per_batch=1"), splits.gallery)
+    seen = []
+    with pytest.raises(DataLoaderWorkerError) as info:
+        for batch in loader:
+            seen.append(int(batch["index"]))
+            time.sleep(10)  # "the training step": the worker reads ahead and dies meanwhile
+    assert seen == [0]  # raised inside the loop body, not by the iterator
+    _assert_names(info.value, victim, splits.gallery[victim], "signal")

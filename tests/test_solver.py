@@ -205,7 +205,12 @@ def test_scheduler_state_dict_round_trip_through_weights_only_file(tmp_path):
     ("solver.eta_min_factor=-0.1", "solver.eta_min_factor"),
 ])
 def test_scheduler_rejects_bad_config(override, key):
-    cfg = load_config(None, [override])
+    # The config refuses these values when loaded; the scheduler checks them again for a Config
+    # built in code.
+    cfg = load_config(None)
+    section, rest = override.split(".", 1)
+    name, value = rest.split("=")
+    setattr(getattr(cfg, section), name, type(getattr(getattr(cfg, section), name))(value))
     with pytest.raises(ValueError, match=key):
         build_scheduler(build_optimizer(cfg, Tiny()), cfg)
 
@@ -232,3 +237,16 @@ def test_grad_scaler_enabled_only_for_cuda_fp16():
         assert make_grad_scaler("cuda:0", "fp16").is_enabled()
     with pytest.raises(ValueError, match="solver.amp"):
         make_grad_scaler("cpu", "half")
+
+
+@pytest.mark.parametrize("max_epochs, warmup", [(1, 10), (1, 0), (5, 10)])
+def test_short_runs_skip_the_warmup_and_never_train_at_the_floor(max_epochs, warmup):
+    cfg = load_config(None, [f"solver.max_epochs={max_epochs}", f"solver.warmup_iters={warmup}"])
+    opt = build_optimizer(cfg, Tiny())
+    sched = build_scheduler(opt, cfg)
+    base, lr_min = cfg.solver.base_lr, cfg.solver.base_lr * cfg.solver.eta_min_factor
+    for epoch in range(1, max_epochs + 1):
+        sched.step(epoch)
+        expected = lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * epoch / (max_epochs + 1)))
+        decay = next(g for g in opt.param_groups if g["name"] == "decay")
+        assert decay["lr"] == pytest.approx(expected, rel=1e-12) and decay["lr"] > 10 * lr_min

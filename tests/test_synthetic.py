@@ -13,7 +13,15 @@ from editor_reid.cli import main
 from editor_reid.modalities import MODALITIES
 from editor_reid.data.dataset import read_sample_images
 from editor_reid.data.layouts import LAYOUTS, load_dataset, split_statistics
-from editor_reid.data.synthetic import MARKER_FILE, load_mask, make_synthetic, mask_path_for
+from editor_reid.data.synthetic import (
+    DEFAULT_VIEWS,
+    MARKER_FILE,
+    SyntheticArgumentError,
+    load_mask,
+    make_synthetic,
+    mask_path_for,
+)
+from editor_reid.errors import UsageError
 from editor_reid.data.validate import check_data
 
 
@@ -156,6 +164,26 @@ def test_argument_validation(tmp_path):
         make_synthetic("rgbnt100", tmp_path, ids=601)
     with pytest.raises(ValueError, match="views"):
         make_synthetic("rgbnt201", tmp_path, ids=4, views=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [({"ids": 1}, "ids must be in [2, 999999]"), ({"ids": 0}, "got 0"), ({"ids": 4, "views": -1}, "views must be >= 1"),
+     ({"ids": 4, "seed": -1}, "seed must be >= 0, got -1")],
+)
+def test_bad_arguments_are_usage_errors_and_write_nothing(tmp_path, kwargs, named):
+    # A UsageError, so the command line prints one line and exits 2; still a ValueError for Python callers.
+    with pytest.raises(SyntheticArgumentError) as info:
+        make_synthetic("rgbnt201", tmp_path, **kwargs)
+    assert isinstance(info.value, UsageError) and isinstance(info.value, ValueError)
+    assert named in str(info.value)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_help_states_the_default_views(capsys):
+    with pytest.raises(SystemExit):
+        main(["make-synthetic", "--help"])
+    assert f"(default: {DEFAULT_VIEWS})" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_make_synthetic(tmp_path, capsys):

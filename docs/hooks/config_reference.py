@@ -6,7 +6,8 @@ values and description. Nothing is copied by hand, so the page cannot go stale:
 
 * keys, types and defaults come from the dataclasses (``Config`` -> sections -> fields), through
   :func:`dataclasses.fields` and :func:`typing.get_type_hints`;
-* allowed values come from the module's ``_CHOICES`` dict;
+* allowed values come from the module's ``_CHOICES`` dict (names), ``_RULES`` (the range of
+  every numeric key) and ``_RELATIONS`` (rules between two keys, shown next to the first);
 * the description is the field's own comment in ``config.py``: the trailing ``# comment`` on
   its line and the comment line(s) directly above it (read with :mod:`tokenize`, so a ``#``
   inside a string is not a comment). Short group labels such as ``# SFTS`` are skipped.
@@ -51,13 +52,13 @@ NOTES: dict[str, str] = {
     "model.att_drop_rate": "Attention dropout rate inside the backbone.",
     "model.sie_camera": "Add the SIE camera embedding (built only when there is more than one camera).",
     "model.sie_coe": "Scale of the SIE camera embedding.",
-    "model.head_keep": "SFTS spatial selection: patches kept per attention head (>= 0).",
-    "model.frequency_keep": "SFTS frequency selection: patches kept (>= 0).",
+    "model.head_keep": "SFTS spatial selection: patches kept per attention head.",
+    "model.frequency_keep": "SFTS frequency selection: patches kept.",
     "model.frequency_mode": (
         "`official`: the released code's score (bright-pixel count of the modality mean); "
         "`highpass`: high-frequency energy, as the paper describes. See [SFTS](model.md#sfts)."
     ),
-    "model.al": "Must be 0 or 1. See [Heads](model.md#heads).",
+    "model.al": "See [Heads](model.md#heads).",
     "model.bcc": "Background Consistency Constraint loss on/off.",
     "model.ocfr": "Object-Centric Feature Refinement loss on/off.",
     "model.ocfr_momentum": "EMA weight of the new batch mean in the OCFR centre update.",
@@ -186,7 +187,7 @@ def _sentence(text: str) -> str:
 
 
 def _strip_choices(text: str, choices: tuple[str, ...] | None) -> str:
-    """Drop a leading ``"a" | "b":`` enumeration that the choices column already shows."""
+    """Drop a leading ``"a" | "b":`` enumeration that the "choices / range" column already shows."""
     if not choices or not text:
         return text
     head, sep, rest = text.partition(":")
@@ -225,7 +226,19 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _rows(cls: type, prefix: str, choices: dict[str, tuple[str, ...]], used: set[str]):
+def _allowed(config_module) -> dict[str, str]:  # noqa: ANN001 (a module)
+    """Key -> its "choices / range" cell: the names it takes, or its range and the rules tying it to other keys."""
+    cells: dict[str, list[str]] = {}
+    for key, names in getattr(config_module, "_CHOICES", {}).items():
+        cells.setdefault(key, []).append(", ".join(f"`{c}`" for c in names))
+    for key, bound in getattr(config_module, "_RULES", {}).items():
+        cells.setdefault(key, []).append(bound.text())
+    for rule in getattr(config_module, "_RELATIONS", ()):
+        cells.setdefault(rule.first, []).append(f"{rule.phrase} `{rule.second}`")
+    return {key: "; ".join(parts) for key, parts in cells.items()}
+
+
+def _rows(cls: type, prefix: str, choices: dict[str, tuple[str, ...]], allowed: dict[str, str], used: set[str]):
     hints = typing.get_type_hints(cls)
     comments = _comments(cls)
     scalars, sections = [], []
@@ -235,10 +248,9 @@ def _rows(cls: type, prefix: str, choices: dict[str, tuple[str, ...]], used: set
         if dataclasses.is_dataclass(annotation):
             sections.append((key, annotation))
             continue
-        allowed = choices.get(key)
         default = _default(f)
         lead, trailing = comments.get(f.name, ("", ""))
-        trailing = _strip_choices(trailing, allowed)
+        trailing = _strip_choices(trailing, choices.get(key))
         if trailing.startswith("or ") and isinstance(default, str):  # "or x, y": alternatives to the default
             trailing = f'"{default}" {trailing}'
         comment = trailing or lead  # the comment on the line itself is the more specific one
@@ -253,7 +265,7 @@ def _rows(cls: type, prefix: str, choices: dict[str, tuple[str, ...]], used: set
                 f"`{key}`",
                 f"`{_type_name(annotation)}`",
                 "required" if default is dataclasses.MISSING else f"`{_literal(default)}`",
-                ", ".join(f"`{c}`" for c in allowed) if allowed else "",
+                _markdown(allowed.get(key, "")),
                 description,
             )
         )
@@ -261,7 +273,7 @@ def _rows(cls: type, prefix: str, choices: dict[str, tuple[str, ...]], used: set
 
 
 def _table(rows: list[tuple[str, ...]]) -> str:
-    lines = ["| key | type | default | choices | description |", "|---|---|---|---|---|"]
+    lines = ["| key | type | default | choices / range | description |", "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -271,16 +283,17 @@ def render_reference() -> str:
     from editor_reid import config as config_module
 
     choices: dict[str, tuple[str, ...]] = dict(getattr(config_module, "_CHOICES", {}))
+    allowed = _allowed(config_module)
     used: set[str] = set()
     out: list[str] = []
 
-    top, sections = _rows(config_module.Config, "", choices, used)
+    top, sections = _rows(config_module.Config, "", choices, allowed, used)
     total = len(top)
     if top:
         out += ["### Top level", "", _table(top), ""]
     while sections:
         key, cls = sections.pop(0)
-        rows, nested = _rows(cls, f"{key}.", choices, used)
+        rows, nested = _rows(cls, f"{key}.", choices, allowed, used)
         sections[:0] = nested
         total += len(rows)
         doc = inspect.getdoc(cls) or ""

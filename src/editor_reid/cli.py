@@ -2,19 +2,42 @@
 
 The subcommands import the library inside their functions: torch and the model take seconds
 to import, and ``editor-reid --help`` or a configuration error should not wait for them.
+
+How errors reach the user (docs/errors.md lists them):
+
+* a wrong command line (argparse) or an :class:`~editor_reid.errors.EditorReidError` prints
+  ``editor-reid: <message>`` on stderr and exits with the error's status (2 usage, 1 data and
+  runtime, 128 + signal for an interrupted training);
+* an error message is one line. When its further lines are all list items (``- ...``, as in a
+  report of every bad file), they follow, indented; any other further lines are joined into
+  the first with ``; ``;
+* a missing, existing, unreadable or wrong-kind path (FileNotFoundError, FileExistsError,
+  IsADirectoryError, NotADirectoryError, PermissionError) is a usage error: one line, status 2;
+* Ctrl-C outside training prints one line and exits 130;
+* anything else is a bug and keeps its traceback. ``--debug`` (or ``EDITOR_REID_DEBUG=1``)
+  prints the traceback of every error, the user errors' included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
-from editor_reid.config import ConfigError, load_config
-from editor_reid.data.layouts import DATASET_NAMES, LayoutError
+import editor_reid
+from editor_reid.config import MAX_SEED, ConfigError, load_config
+from editor_reid.data.layouts import DATASET_NAMES
+from editor_reid.errors import EditorReidError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+DEBUG_ENV = "EDITOR_REID_DEBUG"
+
+# OS errors about a path the user named (--config, --weights, --out, --root, --resume).
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 def resolve_config_path(value: str | None) -> Path | None:
@@ -31,13 +54,54 @@ def resolve_config_path(value: str | None) -> Path | None:
     raise ConfigError(f"config '{value}' is neither a file nor a built-in preset ({names})")
 
 
-def _load(args: argparse.Namespace):
-    return load_config(resolve_config_path(args.config), overrides=args.overrides)
+# ----------------------------------------------------------------------------- argument types
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML file or preset name (rgbnt201, rgbnt100, msvr310, market1501mm, demo)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. solver.base_lr=0.002")
+def _integer(minimum: int, maximum: int | None = None):
+    """An argparse ``type=`` for an integer in [minimum, maximum]; argparse turns the message
+    into a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {expected}")
+        return value
+
+    return parse
+
+
+_seed = _integer(0, MAX_SEED)
+
+
+def _seed_list(text: str) -> str:
+    """Check ``--seeds 1111,2222``; the text itself is kept (``_cmd_train`` splits it), so the
+    namespace shows what was typed."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated seeds, e.g. 1111,2222,3333")
+    for item in items:
+        try:
+            _seed(item)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: {item!r} is not a seed (an integer in [0, {MAX_SEED}])"
+            ) from None
+    return text
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+
+def _load(args: argparse.Namespace, path: Path | None = None):
+    cfg = load_config(path or resolve_config_path(args.config), overrides=args.overrides)
+    # --root is the same as datasets.root_dir=DIR, set without YAML parsing (a path may look like a number).
+    if args.root is not None:
+        cfg.datasets.root_dir = args.root
+    return cfg
 
 
 def _cmd_make_synthetic(args: argparse.Namespace) -> int:
@@ -46,7 +110,7 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     kwargs = {"ids": args.ids, "seed": args.seed}
     if args.views is not None:
         kwargs["views"] = args.views
-    summary = make_synthetic(args.layout, Path(args.out), **kwargs)
+    summary = make_synthetic(args.dataset, Path(args.out), **kwargs)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -76,12 +140,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     if args.config is None:
+        if args.resume == "auto":
+            raise ConfigError("train --resume auto needs --config FILE (it continues the run in the config's output_dir)")
         if not args.resume:
             raise ConfigError("train needs --config FILE (or --resume RUN_DIR, which reads RUN_DIR/config.yaml)")
         saved = Path(args.resume) / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {args.resume}: no saved config at '{saved}'")
-        cfg = load_config(saved, overrides=args.overrides)
+        cfg = _load(args, saved)
     else:
         cfg = _load(args)
     if args.seeds:
@@ -110,75 +176,171 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- the parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" where a default says something (not for None or a switch's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _usage_error(prog: str, message: str) -> None:
+    """Exit 2 with the command line's mistake in one line (no usage block: ``--help`` has it)."""
+    command = prog.removeprefix("editor-reid").strip()
+    where = f"{command}: " if command else ""
+    sys.stderr.write(f"editor-reid: {where}{message} (see '{prog} --help')\n")
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _usage_error(self.prog, message)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML file or preset name (rgbnt201, rgbnt100, msvr310, market1501mm, demo)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="dotted config overrides, anywhere after the subcommand, e.g. solver.base_lr=0.002",
+    )
+
+
+def _add_root(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument("--root", default=None, metavar="DIR",
+                   help=f"directory that contains the dataset folder: the same as datasets.root_dir=DIR{extra}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="editor-reid", description="Multi-modal object ReID with EDITOR (CVPR 2024)")
+    # No abbreviations: `train --seed 3` would otherwise silently mean `--seeds 3`.
+    parser = _Parser(prog="editor-reid", description="Multi-modal object ReID with EDITOR (CVPR 2024)",
+                     formatter_class=_HelpFormatter, allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {editor_reid.__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of every error, user errors included; may also follow the "
+                             f"subcommand (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="synthetic data -> train a tiny EDITOR on CPU -> evaluate -> token picture")
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--seed", type=int, default=1111)
-    p.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    def command(name: str, help: str):  # noqa: A002 (argparse's own word)
+        return sub.add_parser(name, help=help, formatter_class=_HelpFormatter, allow_abbrev=False)
+
+    p = command("demo", "synthetic data -> train a tiny EDITOR on CPU -> evaluate -> token picture")
+    p.add_argument("--out", default="runs/demo", help="directory for the data, the run and the picture")
+    p.add_argument("--seed", type=_seed, default=1111, help="seed of the data and of the training")
+    p.add_argument("--epochs", type=_integer(1), default=None, help="override the demo's epoch count")
     p.add_argument("--json", default=None, help="write untrained/trained metrics as JSON")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("train", help="train EDITOR")
+    p = command("train", "train EDITOR")
     _add_config_args(p, required=False)
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from checkpoints/last.pt")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 1111,2222,3333: report mean ± std")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR|auto",
+                   help="continue the run in RUN_DIR from checkpoints/last.pt (its config.yaml is used); "
+                        "'auto' (needs --config) continues the run in output_dir if there is one, else starts a new run there")
+    p.add_argument("--seeds", type=_seed_list, default=None,
+                   help="comma-separated seeds, e.g. 1111,2222,3333: report mean ± std")
+    _add_root(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("test", help="evaluate a checkpoint (ours or official)")
+    p = command("test", "evaluate a checkpoint (ours or official)")
     _add_config_args(p)
     p.add_argument("--weights", required=True, help="checkpoint file (.pt from editor-reid or official .pth)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
     p.add_argument("--missing", choices=["all"], default=None, help="evaluate all 7 non-empty modality subsets")
     p.add_argument("--json", default=None, help="write the metrics as JSON")
+    _add_root(p)
     p.set_defaults(func=_cmd_test)
 
-    p = sub.add_parser("info", help="model summary (parameters counted as in the paper)")
+    p = command("info", "model summary (parameters counted as in the paper)")
     _add_config_args(p)
-    p.add_argument("--root", default=None, help="dataset root to read the ID/camera counts from (default: known statistics)")
+    _add_root(p, "; the ID and camera counts are read from it (without it: the known statistics)")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("make-synthetic", help="write a synthetic dataset in a real layout")
-    p.add_argument("--layout", required=True, choices=DATASET_NAMES)
+    p = command("make-synthetic", "write a synthetic dataset in a real layout")
+    name = p.add_mutually_exclusive_group(required=True)
+    name.add_argument("--dataset", choices=DATASET_NAMES, help="dataset layout to write")
+    name.add_argument("--layout", dest="dataset", choices=DATASET_NAMES, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--out", required=True, help="root directory (the dataset folder is created inside)")
-    p.add_argument("--ids", type=int, default=100, help="number of identities")
-    p.add_argument("--views", type=int, default=None, help="images per identity and camera")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ids", type=_integer(2), default=100, help="number of identities (half train, half test)")
+    # The default lives in data.synthetic (DEFAULT_VIEWS); importing it here would pull NumPy and PIL into --help.
+    p.add_argument("--views", type=_integer(1), default=None, help="images per identity and camera (default: 3)")
+    p.add_argument("--seed", type=_seed, default=0, help="the same seed writes the same files")
     p.set_defaults(func=_cmd_make_synthetic)
 
-    p = sub.add_parser("check-data", help="validate a dataset tree and print its statistics")
-    p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
-    p.add_argument("--root", required=True, help="directory that contains the dataset folder")
+    p = command("check-data", "validate a dataset tree and print its statistics")
+    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset layout to check")
+    p.add_argument("--root", required=True, metavar="DIR", help="directory that contains the dataset folder")
     p.set_defaults(func=_cmd_check_data)
     return parser
 
 
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse ``argv``. KEY=VALUE overrides may stand anywhere after the subcommand
+    (``test --config C a=1 --weights W b=2``); an unknown ``--option`` is still an error."""
+    parser = parser or build_parser()
+    # argparse gives a nargs="*" positional only its first run of values; the later runs come
+    # back as extras, in order, and are overrides too.
+    args, extras = parser.parse_known_args(argv)
+    if "--debug" in extras:  # a top-level flag, but typed after the subcommand just as often
+        args.debug = True
+        extras = [a for a in extras if a != "--debug"]
+    options = [a for a in extras if a.startswith("-")]
+    if options or (extras and not hasattr(args, "overrides")):
+        _usage_error(f"editor-reid {args.command}", f"unrecognized arguments: {' '.join(options or extras)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
+
+
+def _message_lines(message: str) -> list[str]:
+    """The lines to print for an error message (see the module docstring for the rule)."""
+    first, *rest = [line.strip() for line in str(message).strip().splitlines() if line.strip()] or [""]
+    if rest and all(line.startswith("- ") for line in rest):
+        return [first] + [f"  {line}" for line in rest]
+    for line in rest:
+        first += (" " if first.endswith((":", ",")) else "; ") + line
+    return [first]
+
+
+def _path_message(exc: OSError) -> str:
+    """``No such file or directory: 'x'`` for an OS-raised error; the library's own text otherwise."""
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: '{exc.filename}'"
+    return str(exc)
+
+
+def _report(exc: BaseException, debug: bool) -> int | None:
+    """Print a user error as the module docstring says and return its exit status; None for a bug."""
+    if isinstance(exc, EditorReidError):
+        status, lines = exc.exit_code, _message_lines(str(exc))
+        if isinstance(exc, FloatingPointError):  # NonFiniteLossError: the run ends, its checkpoints stay
+            lines[0] = f"training stopped: {lines[0]}"
+    elif isinstance(exc, PATH_ERRORS):
+        status, lines = 2, _message_lines(_path_message(exc))
+    elif isinstance(exc, KeyboardInterrupt):
+        status, lines = INTERRUPTED_STATUS, ["interrupted"]
+    else:
+        return None
+    if debug:
+        traceback.print_exception(exc)
+    print(f"editor-reid: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(line, file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:
         return args.func(args)
-    except ConfigError as exc:
-        print(f"editor-reid: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, FileExistsError) as exc:
-        print(f"editor-reid: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from editor_reid.data.dataset import BadImageError
-        from editor_reid.losses import NonFiniteLossError
-
-        # A loss that turned NaN/inf stops the run with a clear message; the last good checkpoint stays.
-        if isinstance(exc, NonFiniteLossError):
-            print(f"editor-reid: training stopped: {exc}", file=sys.stderr)
-            return 1
-        # Bad data names the file at fault; no traceback is needed to act on it.
-        if isinstance(exc, (BadImageError, LayoutError)):
-            print(f"editor-reid: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except (Exception, KeyboardInterrupt) as exc:
+        status = _report(exc, debug)
+        if status is None:
+            raise  # a bug: its traceback is what a report needs
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover

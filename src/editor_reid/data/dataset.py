@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from editor_reid.data.layouts import Sample
 from editor_reid.errors import EditorReidError
 from editor_reid.modalities import MODALITIES
 
-__all__ = ["BadImageError", "read_image", "read_sample_images", "MultiModalDataset"]
+__all__ = ["BadImageError", "open_image", "to_rgb", "read_image", "read_sample_images", "MultiModalDataset"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +33,76 @@ class BadImageError(EditorReidError, RuntimeError):
         return type(self), (self.path, self.reason)
 
 
-def read_image(path: str) -> Image.Image:
-    """Fully decode ``path`` as RGB (files may be grey or palette); raise BadImageError on failure."""
+# Modes whose ``convert("RGB")`` gives the right picture: 8-bit colour and grey, bilevel,
+# palette, Pillow's formula colour spaces, and their alpha variants. Alpha is dropped (the
+# stored colour is kept), exactly as the official reader's ``convert("RGB")`` does, so a model
+# trained with the official code sees the same pixels.
+_CONVERTIBLE = frozenset({"RGB", "RGBX", "RGBA", "RGBa", "L", "LA", "1", "P", "PA", "CMYK", "YCbCr", "HSV"})
+# 16/32-bit integer and float greyscale. Pillow's ``convert`` clips these at 255, which turns a
+# raw thermal frame (values in the thousands) all white, so they are stretched instead.
+_HIGH_DEPTH = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_image(path: str) -> Image.Image:
+    """Open and fully decode ``path`` in the file's own mode; close it with ``with``.
+
+    Raises BadImageError naming the file when it is missing or does not decode (decoding is
+    done here so a truncated JPEG fails now, not later inside a transform).
+    """
     try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated JPEG fails here, not later inside a transform
-            return img.convert("RGB")
+        image = Image.open(path)
     except FileNotFoundError:
         raise BadImageError(path, "does not exist") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except _DECODE_ERRORS as exc:
         raise BadImageError(path, f"cannot be decoded ({exc})") from None
+    try:
+        image.load()
+    except _DECODE_ERRORS as exc:
+        image.close()
+        raise BadImageError(path, f"cannot be decoded ({exc})") from None
+    return image
+
+
+def _stretch_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16/32-bit or float grey image as "L", its own [min, max] mapped linearly onto [0, 255].
+
+    The image's own range, not the type's: a thermal camera's raw counts fill a few thousand of
+    the 65 536 levels, which the type's range would crush into a nearly flat, dark picture. This
+    is the linear automatic gain control of thermal viewers. Non-finite floats take the nearest
+    end of the range; a constant image becomes black.
+    """
+    values = np.asarray(image).astype(np.float64)  # [H, W]
+    finite = np.isfinite(values)
+    if not finite.any():
+        return Image.new("L", image.size)
+    lo, hi = float(values[finite].min()), float(values[finite].max())
+    values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return Image.fromarray(np.rint((values - lo) * scale).astype(np.uint8))
+
+
+def to_rgb(image: Image.Image, path: str) -> Image.Image:
+    """``image`` as a new 8-bit RGB image; BadImageError naming ``path`` and the mode when its
+    mode has no faithful conversion (for example "LAB", which Pillow converts as if it were RGB)."""
+    mode = image.mode
+    if mode in _HIGH_DEPTH:
+        image = _stretch_to_8bit(image)
+    elif mode == "La":
+        image = image.convert("LA")  # Pillow has no direct La -> RGB path
+    elif mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the route Pillow asks for; the colours are the same
+    elif mode not in _CONVERTIBLE:
+        raise BadImageError(
+            path, f"has image mode '{mode}', which cannot be converted to 8-bit RGB; save it as RGB or greyscale"
+        )
+    return image.convert("RGB")
+
+
+def read_image(path: str) -> Image.Image:
+    """Fully decode ``path`` as 8-bit RGB (see :func:`to_rgb` for the modes); raise BadImageError on failure."""
+    with open_image(path) as image:
+        return to_rgb(image, path)
 
 
 def read_sample_images(sample: Sample, modalities: Sequence[str] = MODALITIES) -> dict[str, Image.Image]:
@@ -70,6 +132,11 @@ class MultiModalDataset(Dataset):
     process that read it: with DataLoader workers, each worker keeps its own count; every skip
     is also logged as a warning naming the file). ``index`` is always the requested index;
     pid, camid and sceneid describe the images actually returned.
+
+    ``reading`` (optional, set by the loader builders) is a shared-memory int64 tensor [W, 2]
+    for W DataLoader workers: row ``w`` holds worker ``w``'s pid and the index of the sample it
+    is reading, -1 between samples. A worker killed by a signal or ``os._exit`` leaves no
+    Python error behind; the main process reads the row to name the sample it was reading.
     """
 
     def __init__(
@@ -79,6 +146,7 @@ class MultiModalDataset(Dataset):
         *,
         modalities: Sequence[str] = MODALITIES,
         skip_bad_images: bool = False,
+        reading: torch.Tensor | None = None,
     ):
         unknown = [m for m in modalities if m not in MODALITIES]
         if unknown or not modalities:
@@ -89,6 +157,8 @@ class MultiModalDataset(Dataset):
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
         self.skip_bad_images = skip_bad_images
         self.num_skipped = 0
+        self.reading = reading
+        self._row = None  # set in each worker process on its first sample
         self._by_pid: dict[int, list[int]] = defaultdict(list)
         for i, s in enumerate(self.samples):
             self._by_pid[s.pid].append(i)
@@ -96,7 +166,21 @@ class MultiModalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _mark(self, index: int) -> None:
+        """Record in ``reading`` the sample this worker now reads (-1: none); under a microsecond."""
+        if self.reading is None:
+            return
+        if self._row is None:
+            info = get_worker_info()
+            if info is None:
+                return  # the main process: an error there surfaces by itself
+            # This worker's row as a NumPy view of the shared table: a write costs nanoseconds.
+            self._row = self.reading[info.id].numpy()
+            self._row[0] = os.getpid()
+        self._row[1] = index
+
     def _load(self, index: int) -> dict[str, torch.Tensor]:
+        self._mark(index)  # a replacement candidate is marked too: its files may be the culprit
         return self.transform(read_sample_images(self.samples[index], self.modalities))
 
     def _load_replacement(self, index: int, error: BadImageError) -> tuple[int, dict[str, torch.Tensor]]:
@@ -122,6 +206,9 @@ class MultiModalDataset(Dataset):
             self.num_skipped += 1
             logger.warning("skipping unreadable sample %d: %s", index, exc)
             source, images = self._load_replacement(index, exc)
+        finally:
+            # A worker that dies after this (collating, sending) must not blame the sample.
+            self._mark(-1)
         # The camera/scene of the image actually returned (the SIE embedding depends on it).
         sample = self.samples[source]
         return {**images, "pid": sample.pid, "camid": sample.camid, "sceneid": sample.sceneid, "index": index}

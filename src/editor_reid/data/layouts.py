@@ -27,7 +27,7 @@ would assert), and only ``*.jpg`` files are read in every layout.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +41,7 @@ __all__ = [
     "Layout",
     "LAYOUTS",
     "DATASET_NAMES",
+    "SPLIT_NAMES",
     "KNOWN_TRAIN_STATS",
     "STRIP_WIDTH",
     "load_dataset",
@@ -83,17 +84,25 @@ class Sample:
     crop: int | None = None
 
 
+#: The parts of a benchmark, in the order ``load_dataset`` reads them.
+SPLIT_NAMES = ("train", "query", "gallery")
+
+
 @dataclass
 class DatasetSplits:
-    """The three splits of a benchmark; train pids are relabelled 0..num_train_pids-1."""
+    """The three splits of a benchmark; train pids are relabelled 0..num_train_pids-1.
+
+    A split that was not loaded (``load_dataset(..., splits=...)``) is an empty list.
+    """
 
     name: str
     train: list[Sample]
     query: list[Sample]
     gallery: list[Sample]
     num_train_pids: int
-    num_cameras: int  # max camid + 1 over all splits (sizes the SIE camera embedding)
+    num_cameras: int  # max camid + 1 over the loaded splits (sizes the SIE camera embedding)
     protocol: str  # "same_camera" | "same_scene": which gallery items a query may not match
+    root: str = ""  # the directory that contains the dataset folder, for messages
 
 
 # A parsed name: (pid, camid, sceneid), or None for a junk image the official code skips.
@@ -344,38 +353,51 @@ def _read_split(
     return records
 
 
-def _check_dirs(layout: Layout, root: Path) -> dict[str, Path]:
+def _check_dirs(layout: Layout, root: Path, splits: Sequence[str] = SPLIT_NAMES) -> dict[str, Path]:
     base = root / layout.folder
     if not base.is_dir():
         raise FileNotFoundError(
             f"{layout.name}: dataset directory '{base}' does not exist; the root '{root}' must contain "
-            f"'{layout.folder}/' with {', '.join(sorted(set(layout.splits.values())))}"
+            f"'{layout.folder}/' with {', '.join(sorted({layout.splits[s] for s in splits}))}"
         )
-    dirs = {split: base / sub for split, sub in layout.splits.items()}
+    dirs = {split: base / layout.splits[split] for split in splits}
     for split, path in dirs.items():
         if not path.is_dir():
             raise FileNotFoundError(f"{layout.name}: expected the {split} directory '{path}', which does not exist")
     return dirs
 
 
+def _check_split_names(splits: Sequence[str]) -> tuple[str, ...]:
+    unknown = [s for s in splits if s not in SPLIT_NAMES]
+    if unknown or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {SPLIT_NAMES}, got {list(splits)}")
+    return tuple(s for s in SPLIT_NAMES if s in splits)
+
+
 def build_splits(
-    name: str, root: str | Path, *, problems: list[str] | None = None, raw_pids: bool = False
+    name: str,
+    root: str | Path,
+    *,
+    problems: list[str] | None = None,
+    raw_pids: bool = False,
+    splits: Sequence[str] = SPLIT_NAMES,
 ) -> DatasetSplits:
-    """Read all three splits. With ``problems`` given, unparseable names are collected instead
-    of raised. ``raw_pids`` keeps the original train pids (for identity-overlap checks)."""
+    """Read ``splits`` (default all three; the others are left empty and their directories may be
+    absent). With ``problems`` given, unparseable names are collected instead of raised.
+    ``raw_pids`` keeps the original train pids (for identity-overlap checks)."""
     layout = get_layout(name)
     root = Path(root).expanduser()
-    dirs = _check_dirs(layout, root)
+    dirs = _check_dirs(layout, root, _check_split_names(splits))
     records = {split: _read_split(layout, path, problems) for split, path in dirs.items()}
 
-    train_pids = sorted({pid for pid, *_ in records["train"]})
+    train_pids = sorted({pid for pid, *_ in records.get("train", ())})
     relabel = {pid: label for label, pid in enumerate(train_pids)}
 
     def samples(split: str, relabelled: bool) -> list[Sample]:
         crop = STRIP_WIDTH if layout.modality_dirs is None else None
         return [
             Sample(paths=paths, pid=relabel[pid] if relabelled else pid, camid=camid, sceneid=sceneid, crop=crop)
-            for pid, camid, sceneid, paths in records[split]
+            for pid, camid, sceneid, paths in records.get(split, ())
         ]
 
     train = samples("train", relabelled=not raw_pids)
@@ -389,22 +411,28 @@ def build_splits(
         num_train_pids=len(train_pids),
         num_cameras=max(camids) + 1 if camids else 0,
         protocol=layout.protocol,
+        root=str(root),
     )
 
 
-def load_dataset(name: str, root: str | Path, *, verbose: bool = False) -> DatasetSplits:
+def load_dataset(
+    name: str, root: str | Path, *, splits: Sequence[str] = SPLIT_NAMES, verbose: bool = False
+) -> DatasetSplits:
     """Load a benchmark from ``root`` (the directory that CONTAINS ``RGBNT201/`` etc.).
 
-    Raises FileNotFoundError naming the expected directory when a split is missing and
-    LayoutError naming the file when a name does not parse. With ``verbose`` the statistics
-    table is printed, as the official loaders do.
+    ``splits`` chooses what is read: ``("query", "gallery")`` evaluates without the train
+    directory, which may then be absent (``train`` is empty, ``num_train_pids`` 0 and
+    ``num_cameras`` counts the loaded splits). Raises FileNotFoundError naming the expected
+    directory when a requested split is missing, LayoutError when the train split is requested
+    but empty, and LayoutError naming the file when a name does not parse. With ``verbose`` the
+    statistics table is printed, as the official loaders do.
     """
-    splits = build_splits(name, root)
-    if not splits.train:
+    loaded = build_splits(name, root, splits=splits)
+    if "train" in splits and not loaded.train:
         raise LayoutError(f"{name}: no training images found under '{split_dirs(name, root)['train']}'")
     if verbose:
-        print(format_statistics(splits))
-    return splits
+        print(format_statistics(loaded))
+    return loaded
 
 
 def split_statistics(splits: DatasetSplits) -> dict[str, dict[str, int]]:

@@ -1,5 +1,9 @@
 """DataLoaders for training (P×K batches) and testing (ordered), and the run's seeding policy.
 
+Both loaders report a worker that dies without a Python error (a signal, a decoder crash,
+``os._exit``) as :class:`DataLoaderWorkerError`, naming the sample it was reading: the dataset
+writes each worker's current sample index into a small shared-memory table.
+
 Seeding policy (what makes a resumed run exact): every epoch starts from RNG states that depend
 only on (solver.seed, epoch, rank), never on what ran before in the process.
 :meth:`TrainLoader.set_epoch` re-seeds Python's, NumPy's and torch's global generators (dropout,
@@ -10,8 +14,13 @@ epoch from that base seed instead of carrying their RNG streams across epochs.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
+import re
 import signal
+import threading
+import time
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -22,11 +31,14 @@ from editor_reid.data.dataset import MultiModalDataset
 from editor_reid.data.layouts import DatasetSplits, Sample
 from editor_reid.data.sampler import DistributedRandomIdentitySampler, RandomIdentitySampler
 from editor_reid.data.transforms import build_transforms
+from editor_reid.errors import EditorReidError
 from editor_reid.modalities import MODALITIES
 
 __all__ = [
     "collate",
     "TrainLoader",
+    "EvalLoader",
+    "DataLoaderWorkerError",
     "build_train_loader",
     "build_test_loader",
     "seed_worker",
@@ -89,6 +101,181 @@ def _loader_kwargs(cfg, rank: int, *, persistent: bool) -> dict:
     }
 
 
+class DataLoaderWorkerError(EditorReidError, RuntimeError):
+    """A DataLoader worker died without a Python error (a signal, a crash in a decoder,
+    ``os._exit``); names the worker, the sample it was reading and that sample's files.
+
+    ``index`` is None when the worker was between samples (or not yet reading one).
+    """
+
+    def __init__(self, message: str, *, worker_id: int | None, pid: int | None, index: int | None,
+                 paths: dict[str, str]) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+        self.pid = pid
+        self.index = index
+        self.paths = paths
+
+
+# torch's messages for a dead worker: "DataLoader worker (pid 12) is killed by signal: Killed."
+# (from its SIGCHLD handler) and "DataLoader worker (pid(s) 12, 13) exited unexpectedly".
+_WORKER_DEATH = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)")
+
+# Datasets whose workers have been started, for the SIGCHLD handler (weak: a loader's end frees them).
+_STARTED: weakref.WeakSet[MultiModalDataset] = weakref.WeakSet()
+_sigchld_wrapped = False
+# Worker pids whose death was reported. torch reports a death again from its SIGCHLD handler for
+# as long as the failed iterator lives, and a traceback on its way up keeps it alive: the
+# repeats, raised wherever the main thread then is, are dropped.
+_REPORTED: set[int] = set()
+
+
+def _dead_pids(exc: BaseException) -> set[int]:
+    match = _WORKER_DEATH.search(str(exc))
+    return {int(p) for p in match.group(1).replace(",", " ").split()} if match else set()
+
+
+def _raise_once(report: DataLoaderWorkerError, exc: BaseException) -> None:
+    _REPORTED.update(_dead_pids(exc) | ({report.pid} if report.pid is not None else set()))
+    raise report from exc
+
+
+def _lost_worker(dataset: MultiModalDataset, exc: BaseException) -> DataLoaderWorkerError | None:
+    """A worker that dies while the main process reads from its queue can break the pipe
+    (ConnectionResetError, EOFError) before torch sees the death and words it: find the dead
+    worker among the dataset's readers (waiting briefly for the process to be reaped)."""
+    if dataset.reading is None:
+        return None
+    deadline = time.monotonic() + 2.0
+    while True:
+        alive = {child.pid for child in multiprocessing.active_children()}  # also reaps finished children
+        dead = [(w, pid, index) for w, (pid, index) in enumerate(dataset.reading.tolist()) if pid > 0 and pid not in alive]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if not dead:
+        return None
+    return _report(dataset, *dead[0], cause=f"its connection broke ({type(exc).__name__}: {exc})")
+
+
+def _reading_table(num_workers: int) -> torch.Tensor | None:
+    """The shared [num_workers, 2] (pid, sample index) table the dataset's workers write into."""
+    if num_workers <= 0:
+        return None
+    return torch.full((num_workers, 2), -1, dtype=torch.int64).share_memory_()
+
+
+def _torch_cause(exc: BaseException) -> str:
+    """torch's most precise words on the death: its "exited unexpectedly" is often raised from
+    the SIGCHLD handler's "is killed by signal: Killed" or "... with exit code 3"."""
+    cause, inner = str(exc), exc.__cause__ or exc.__context__
+    while inner is not None:
+        if _WORKER_DEATH.search(str(inner)):
+            cause = str(inner)
+        inner = inner.__cause__ or inner.__context__
+    return cause.split(". ")[0].strip().rstrip(".")  # drop torch's "Details are lost ..." advice
+
+
+def _worker_error(exc: BaseException, datasets: Sequence[MultiModalDataset], *,
+                  fallback: bool = False) -> DataLoaderWorkerError | None:
+    """The report for torch's worker-death error ``exc``: the first of ``datasets`` whose
+    ``reading`` table holds a dead pid names the sample. None when ``exc`` is something else or
+    no table knows the pid, unless ``fallback`` (a worker that died before its first sample)."""
+    dead = _dead_pids(exc)
+    if not dead:
+        return None
+    cause = _torch_cause(exc)
+    for dataset in datasets:
+        if dataset.reading is None:
+            continue
+        found = [(w, pid, index) for w, (pid, index) in enumerate(dataset.reading.tolist()) if pid in dead]
+        if found:
+            found.sort(key=lambda row: row[2] < 0)  # blame a worker caught reading a sample first
+            return _report(dataset, *found[0], cause=cause)
+    if not fallback:
+        return None
+    pid = min(dead)
+    return DataLoaderWorkerError(f"DataLoader worker (pid {pid}) died before reading any sample ({cause})",
+                                 worker_id=None, pid=pid, index=None, paths={})
+
+
+def _report(dataset: MultiModalDataset, worker: int, pid: int, index: int, *, cause: str) -> DataLoaderWorkerError:
+    if index < 0:
+        return DataLoaderWorkerError(f"DataLoader worker {worker} (pid {pid}) died between samples ({cause})",
+                                     worker_id=worker, pid=pid, index=None, paths={})
+    sample = dataset.samples[index]
+    paths = {m: sample.paths[m] for m in dataset.modalities}
+    if sample.crop is None:
+        files = ", ".join(f"{m} {p}" for m, p in paths.items())
+    else:
+        files = f"R|N|T strip {paths[dataset.modalities[0]]}"
+    hint = " (SIGKILL is most often the out-of-memory killer)" if "Killed" in cause else ""
+    return DataLoaderWorkerError(
+        f"DataLoader worker {worker} (pid {pid}) died while reading sample {index} ({files}): {cause}{hint}",
+        worker_id=worker, pid=pid, index=index, paths=paths)
+
+
+def _wrap_sigchld_handler() -> None:
+    """Make torch's SIGCHLD handler name the sample too.
+
+    torch raises a worker's death from that handler wherever the main thread happens to be,
+    usually inside the training step rather than in the loader's ``next``, where no iterator
+    can catch it. Wrapped once per process, after torch has installed its handler (when the
+    first iterator with workers starts), and only in the main thread, as signals require.
+    """
+    global _sigchld_wrapped
+    if _sigchld_wrapped or threading.current_thread() is not threading.main_thread():
+        return
+    torch_handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(torch_handler):
+        return
+
+    def handler(signum, frame) -> None:
+        try:
+            torch_handler(signum, frame)
+        except RuntimeError as exc:
+            dead = _dead_pids(exc)
+            if dead and dead <= _REPORTED:
+                return
+            report = _worker_error(exc, list(_STARTED))
+            if report is None:
+                raise
+            _raise_once(report, exc)
+
+    signal.signal(signal.SIGCHLD, handler)
+    _sigchld_wrapped = True
+
+
+def _reporting_worker_death(loader: DataLoader) -> Iterator[dict]:
+    """Iterate ``loader``, turning torch's worker-death RuntimeError into DataLoaderWorkerError."""
+    batches = None
+    while True:
+        try:
+            if batches is None:
+                if loader.dataset.reading is not None and not loader.persistent_workers:
+                    loader.dataset.reading.fill_(-1)  # fresh workers: forget the last epoch's pids
+                batches = iter(loader)
+                if loader.num_workers > 0:
+                    _STARTED.add(loader.dataset)
+                    _wrap_sigchld_handler()
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if isinstance(exc, DataLoaderWorkerError):
+                raise  # already reported by the SIGCHLD handler
+            report = _worker_error(exc, [loader.dataset], fallback=True)
+            if report is None:
+                raise
+            _raise_once(report, exc)
+        except (ConnectionError, EOFError) as exc:
+            report = _lost_worker(loader.dataset, exc) if loader.num_workers > 0 else None
+            if report is None:
+                raise
+            _raise_once(report, exc)
+        yield batch
+
+
 class TrainLoader:
     """The training DataLoader of a run (built once) and its per-epoch seeding.
 
@@ -109,7 +296,7 @@ class TrainLoader:
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(self.loader)
+        return _reporting_worker_death(self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -119,6 +306,25 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
+
+
+class EvalLoader:
+    """An ordered test loader: a DataLoader whose dead workers are reported by sample.
+
+    Iterate it and take ``len()`` like the DataLoader; ``dataset`` and ``batch_size`` are the
+    DataLoader's, ``loader`` is the DataLoader itself.
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.batch_size = loader.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        return _reporting_worker_death(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def build_train_loader(cfg, splits: DatasetSplits, *, rank: int = 0, world_size: int = 1) -> TrainLoader:
@@ -132,6 +338,7 @@ def build_train_loader(cfg, splits: DatasetSplits, *, rank: int = 0, world_size:
         build_transforms(cfg, is_train=True),
         modalities=cfg.datasets.modalities,
         skip_bad_images=cfg.datasets.skip_bad_images,
+        reading=_reading_table(cfg.dataloader.num_workers),
     )
     pids = [s.pid for s in splits.train]
     batch = cfg.solver.ims_per_batch
@@ -145,7 +352,7 @@ def build_train_loader(cfg, splits: DatasetSplits, *, rank: int = 0, world_size:
     return TrainLoader(loader, sampler, cfg.solver.seed, rank)
 
 
-def build_test_loader(cfg, samples: Sequence[Sample], *, modalities: Sequence[str] | None = None) -> DataLoader:
+def build_test_loader(cfg, samples: Sequence[Sample], *, modalities: Sequence[str] | None = None) -> EvalLoader:
     """An ordered loader over ``samples``; ``modalities`` (default ``cfg.datasets.modalities``)
     selects which modalities are read (the batches hold only those; the model fills the rest)."""
     dataset = MultiModalDataset(
@@ -153,6 +360,7 @@ def build_test_loader(cfg, samples: Sequence[Sample], *, modalities: Sequence[st
         build_transforms(cfg, is_train=False),
         modalities=modalities if modalities is not None else cfg.datasets.modalities,
         skip_bad_images=cfg.datasets.skip_bad_images,
+        reading=_reading_table(cfg.dataloader.num_workers),
     )
-    return DataLoader(dataset, batch_size=cfg.test.ims_per_batch, shuffle=False, drop_last=False,
-                      **_loader_kwargs(cfg, 0, persistent=True))
+    return EvalLoader(DataLoader(dataset, batch_size=cfg.test.ims_per_batch, shuffle=False, drop_last=False,
+                                 **_loader_kwargs(cfg, 0, persistent=True)))

@@ -19,6 +19,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from editor_reid.config import ConfigError
+
 __all__ = ["RandomIdentitySampler", "DistributedRandomIdentitySampler", "plan_epoch"]
 
 
@@ -59,14 +61,15 @@ class RandomIdentitySampler(Sampler[int]):
 
     def __init__(self, pids: Sequence[int], batch_size: int, num_instance: int, seed: int = 0):
         if num_instance <= 0 or batch_size <= 0 or batch_size % num_instance:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size ({batch_size}) must be a positive multiple of num_instance ({num_instance})"
             )
         num_ids = len(set(int(p) for p in pids))
         if num_ids < batch_size // num_instance:
-            raise ValueError(
-                f"a P×K batch needs P = {batch_size // num_instance} identities "
-                f"(batch_size {batch_size} / num_instance {num_instance}) but the data has only {num_ids}"
+            raise ConfigError(
+                f"a P×K batch needs P = {batch_size // num_instance} identities (solver.ims_per_batch {batch_size} / "
+                f"dataloader.num_instance {num_instance}) but the training data has only {num_ids}; lower "
+                "solver.ims_per_batch or raise dataloader.num_instance"
             )
         self.pids = [int(p) for p in pids]
         self.batch_size = batch_size
@@ -117,7 +120,7 @@ class DistributedRandomIdentitySampler(RandomIdentitySampler):
     ):
         super().__init__(pids, batch_size, num_instance, seed)
         if world_size <= 0 or batch_size % world_size:
-            raise ValueError(f"global batch_size ({batch_size}) must be divisible by world_size ({world_size})")
+            raise ConfigError(f"global batch_size ({batch_size}) must be divisible by world_size ({world_size})")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.rank = rank

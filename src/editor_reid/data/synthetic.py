@@ -31,16 +31,22 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from editor_reid.errors import UsageError
 from editor_reid.modalities import MODALITIES
 from editor_reid.data.layouts import LAYOUTS, STRIP_WIDTH, Layout, Sample, get_layout
 
-__all__ = ["make_synthetic", "mask_path_for", "load_mask", "MARKER_FILE", "DEFAULT_VIEWS"]
+__all__ = ["make_synthetic", "mask_path_for", "load_mask", "MARKER_FILE", "DEFAULT_VIEWS", "SyntheticArgumentError"]
 
 #: Written into the dataset folder so a later run may safely replace a synthetic tree.
 MARKER_FILE = ".synthetic.json"
 #: Images per identity and camera (per scene and camera for MSVR310).
 DEFAULT_VIEWS = 3
 _JPEG_QUALITY = 92
+
+
+class SyntheticArgumentError(UsageError, ValueError):
+    """A count or seed :func:`make_synthetic` cannot use (the command line exits 2 with it)."""
+
 
 # Per layout: object kind, image size (H, W) of one modality, camera count, largest legal pid.
 _GEOMETRY = {
@@ -490,10 +496,13 @@ def make_synthetic(
     """
     spec = get_layout(layout)
     kind, size, num_cams, max_pid = _GEOMETRY[layout]
+    # Two identities at least: half of them train, half test, and each half needs one.
     if not 2 <= ids <= max_pid:
-        raise ValueError(f"make_synthetic: ids must be in [2, {max_pid}] for {layout}, got {ids}")
+        raise SyntheticArgumentError(f"make_synthetic: ids must be in [2, {max_pid}] for {layout}, got {ids}")
     if views < 1:
-        raise ValueError(f"make_synthetic: views must be >= 1, got {views}")
+        raise SyntheticArgumentError(f"make_synthetic: views must be >= 1, got {views}")
+    if seed < 0:  # NumPy's generators take no negative seed
+        raise SyntheticArgumentError(f"make_synthetic: seed must be >= 0, got {seed}")
     out = Path(out)
     data_root, mask_root = _prepare_output(out, spec.dataset_folder)
     base = out / spec.folder

@@ -5,16 +5,26 @@ twin, in every direction), files that do not decode, RGBNT100 strips that are no
 file names that do not parse, MSVR310 files filed under another vehicle's folder, camera ids
 outside the benchmark's range, identities in both train and test, and queries without a valid
 gallery match under the dataset's protocol (same_camera: a gallery image of the same pid from
-another camera; same_scene: from another scene). The statistics table is appended.
+another camera; same_scene: from another scene), and image modes with no faithful 8-bit RGB
+conversion. The statistics table is appended, with the image modes and sizes seen per modality.
+
+``preflight`` is the fast subset a run does before it starts: every file it will read exists,
+is a regular file and is not empty (stat only, nothing is decoded).
 """
 
 from __future__ import annotations
 
+import os
+import shlex
+import stat
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from editor_reid.data.dataset import BadImageError, read_image
+from editor_reid.data.dataset import BadImageError, open_image, to_rgb
 from editor_reid.data.layouts import (
+    SPLIT_NAMES,
     STRIP_WIDTH,
     DatasetSplits,
     LayoutError,
@@ -27,8 +37,16 @@ from editor_reid.data.layouts import (
     scan_split,
     split_dirs,
 )
+from editor_reid.modalities import MODALITIES
 
-__all__ = ["DataReport", "check_data"]
+__all__ = ["DataReport", "check_data", "PreflightError", "preflight"]
+
+# How the files of an RGBNT100 strip (one file for all modalities) are counted per modality.
+_STRIP_LABEL = "RGB|NI|TI"
+# Sizes listed per modality in the statistics; a real benchmark's crops can have hundreds.
+_SIZES_SHOWN = 5
+# Problems quoted in a PreflightError; check-data lists all of them.
+_PREFLIGHT_SHOWN = 10
 
 
 @dataclass
@@ -39,16 +57,43 @@ class DataReport:
     root: str
     problems: list[str] = field(default_factory=list)
     statistics: str = ""
+    # modality ("RGB", "NI", "TI"; "RGB|NI|TI" for RGBNT100 strips) -> Counter of the image
+    # modes / sizes ("WxH") of the files that decode, each file counted once.
+    image_modes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    image_sizes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def _check_directory(name: str, split_dir: Path, problems: list[str]) -> list[Sample]:
+def _check_image(path: Path, modality: str, strip: bool, report: DataReport) -> None:
+    """Decode one file; count its mode and size; report decoding, mode and strip-width problems."""
+    try:
+        image = open_image(str(path))
+    except BadImageError as exc:
+        report.problems.append(f"undecodable image: {path} ({exc.reason})")
+        return
+    with image:
+        report.image_modes[modality][image.mode] += 1
+        report.image_sizes[modality][f"{image.width}x{image.height}"] += 1
+        try:
+            to_rgb(image, str(path))
+        except BadImageError as exc:
+            report.problems.append(f"unsupported image mode: {path} ({exc.reason})")
+        if strip and image.width != 3 * STRIP_WIDTH:
+            report.problems.append(
+                f"wrong geometry: {path} is {image.width}x{image.height} (WxH); an RGBNT100 R|N|T strip "
+                f"must be {3 * STRIP_WIDTH} wide"
+            )
+
+
+def _check_directory(name: str, split_dir: Path, report: DataReport) -> list[Sample]:
     """Check every file of one split directory; return the samples the loader would build."""
     layout = get_layout(name)
-    if layout.modality_dirs is not None and not layout.per_identity_folders:
+    problems = report.problems
+    strip = layout.modality_dirs is None
+    if not strip and not layout.per_identity_folders:
         for sub in layout.modality_dirs.values():
             if not (split_dir / sub).is_dir():
                 problems.append(f"missing directory: {split_dir / sub}")
@@ -64,17 +109,11 @@ def _check_directory(name: str, split_dir: Path, problems: list[str]) -> list[Sa
             if modality not in present:
                 twin_of = next(iter(present.values()))
                 problems.append(f"unpaired modality: {twin_of} has no {modality} twin (expected {path})")
-        for path in sorted(set(present.values())):
-            try:
-                image = read_image(str(path))
-            except BadImageError as exc:
-                problems.append(f"undecodable image: {path} ({exc.reason})")
-                continue
-            if layout.modality_dirs is None and image.width != 3 * STRIP_WIDTH:
-                problems.append(
-                    f"wrong geometry: {path} is {image.width}x{image.height} (WxH); an RGBNT100 R|N|T strip "
-                    f"must be {3 * STRIP_WIDTH} wide"
-                )
+        if strip:
+            _check_image(present["RGB"], _STRIP_LABEL, True, report)
+        else:
+            for modality, path in sorted(present.items(), key=lambda item: item[1]):
+                _check_image(path, modality, False, report)
 
         file_name = key.rpartition("/")[2]
         shown = next(iter(present.values()))
@@ -92,7 +131,7 @@ def _check_directory(name: str, split_dir: Path, problems: list[str]) -> list[Sa
         if folder is not None and folder.isdigit() and int(folder) != pid:
             problems.append(f"misfiled image: {shown} is in vehicle folder {folder} but its name says {pid:04d}")
         if "RGB" in present:  # the loader anchors on RGB files
-            crop = STRIP_WIDTH if layout.modality_dirs is None else None
+            crop = STRIP_WIDTH if strip else None
             samples.append(Sample(paths=expected, pid=pid, camid=camid, sceneid=sceneid, crop=crop))
     return samples
 
@@ -130,7 +169,7 @@ def check_data(name: str, root: str | Path) -> DataReport:
                 problems.append(f"missing directory: {directory} (the {split} split)")
                 by_dir[directory] = []
             else:
-                by_dir[directory] = _check_directory(name, directory, problems)
+                by_dir[directory] = _check_directory(name, directory, report)
         splits[split] = by_dir[directory]
 
     for split, samples in splits.items():
@@ -168,6 +207,96 @@ def check_data(name: str, root: str | Path) -> DataReport:
         num_train_pids=len(train_pids),
         num_cameras=max(camids) + 1 if camids else 0,
         protocol=layout.protocol,
+        root=str(root),
     )
-    report.statistics = format_statistics(stats)
+    report.statistics = format_statistics(stats) + "\n" + _format_images(report)
     return report
+
+
+def _format_images(report: DataReport) -> str:
+    """The image modes and sizes per modality, most frequent first."""
+    lines = ["=> image files per modality (mode: count; size WxH: count)"]
+    for modality in (*MODALITIES, _STRIP_LABEL):
+        if modality not in report.image_modes:
+            continue
+        modes = ", ".join(f"{mode} {n}" for mode, n in report.image_modes[modality].most_common())
+        sizes = report.image_sizes[modality].most_common()
+        shown = ", ".join(f"{size} {n}" for size, n in sizes[:_SIZES_SHOWN])
+        if len(sizes) > _SIZES_SHOWN:
+            rest = sum(n for _, n in sizes[_SIZES_SHOWN:])
+            shown += f", {len(sizes) - _SIZES_SHOWN} other sizes {rest}"
+        lines.append(f"  {modality:<9} | modes: {modes} | sizes: {shown}")
+    if len(lines) == 1:
+        lines.append("  (no image decoded)")
+    return "\n".join(lines)
+
+
+
+class PreflightError(LayoutError):
+    """Files a run would read are missing, empty or not regular files; ``problems`` lists them all."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+def _file_problem(path: str) -> str | None:
+    """What is wrong with ``path`` as an image to read, from one ``stat``; None when nothing."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as exc:
+        return f"cannot stat ({exc.strerror})"
+    if stat.S_ISDIR(info.st_mode):
+        return "a directory, not a file"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size == 0:
+        return "empty file"
+    return None
+
+
+def preflight(splits: DatasetSplits, parts: Sequence[str], modalities: Sequence[str]) -> None:
+    """Check, before a run starts, that every file it will read is there: for each sample of
+    ``parts`` ("train", "query", "gallery") and each of ``modalities``, the file exists, is a
+    regular file and is not empty.
+
+    Only ``stat`` is called, each path once (an RGBNT100 strip serves all modalities, RGBNT201's
+    query and gallery are the same files), so 10 000 samples take a fraction of a second;
+    ``check_data`` decodes every file. Raises PreflightError with a check-data-style report.
+    """
+    unknown = [p for p in parts if p not in SPLIT_NAMES] + [m for m in modalities if m not in MODALITIES]
+    if unknown:
+        raise ValueError(f"preflight: unknown split or modality {unknown}; expected {SPLIT_NAMES} and {MODALITIES}")
+    problems: list[str] = []
+    seen: set[str] = set()
+    for part in parts:
+        for sample in getattr(splits, part):
+            anchor = sample.paths["RGB"]
+            for modality in modalities:
+                path = sample.paths[modality]
+                if path in seen:
+                    continue
+                seen.add(path)
+                problem = _file_problem(path)
+                if problem is not None:
+                    twin = f" (the {modality} twin of {anchor})" if path != anchor else ""
+                    problems.append(f"{problem}: {path}{twin}")
+    if problems:
+        raise PreflightError(_preflight_message(splits, parts, problems), problems)
+
+
+def _preflight_message(splits: DatasetSplits, parts: Sequence[str], problems: list[str]) -> str:
+    names = list(dict.fromkeys(parts))
+    joined = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    root = splits.root or "."
+    lines = [
+        f"{splits.name}: {len(problems)} problem(s) in the {joined} split(s) at {root}; run "
+        f"'editor-reid check-data --dataset {splits.name} --root {shlex.quote(root)}' for a full check",
+        # List items: the command line prints them under the first line (see editor_reid.cli).
+        *(f"- {problem}" for problem in problems[:_PREFLIGHT_SHOWN]),
+    ]
+    if len(problems) > _PREFLIGHT_SHOWN:
+        lines.append(f"- ... and {len(problems) - _PREFLIGHT_SHOWN} more")
+    return "\n".join(lines)

@@ -36,10 +36,13 @@ __all__ = [
     "WEIGHTS_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "CheckpointWriteError",
+    "previous_path",
     "weights_payload",
     "capture_training_state",
     "restore_training_state",
     "check_training_state",
+    "load_training_state",
     "is_editor_reid_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
@@ -58,6 +61,14 @@ _SAFE_LEAVES = (torch.Tensor, bool, int, float, str, bytes, type(None), torch.dt
 
 class CheckpointError(EditorReidError, RuntimeError):
     """A checkpoint cannot be written or read safely."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (full disk, failed rename); the previous file is intact."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        OSError.__init__(self, message)
+        self.errno = errno
 
 
 def _check_storable(value: Any, where: str) -> None:
@@ -79,30 +90,68 @@ def _check_storable(value: Any, where: str) -> None:
                           "loadable with torch.load(weights_only=True); convert it to tensors/lists/numbers")
 
 
-def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where :func:`save_checkpoint` with ``keep_previous`` keeps the file it replaced:
+    ``last.pt`` -> ``last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, keep_previous: bool = False) -> Path:
     """Write ``state`` to ``path`` atomically (temporary file + fsync + os.replace).
 
     The previous file at ``path``, if any, stays intact until the new one is complete; on any
-    failure the temporary file is removed and the error re-raised. Returns the path.
+    failure the temporary file is removed and the error re-raised, a failed write (a full disk,
+    a failed rename) as :class:`CheckpointWriteError`, which names the file. ``keep_previous``
+    also keeps the replaced file as :func:`previous_path` (a hard link, so no copy), for when the
+    new one is later found damaged. The file gets the permissions the umask gives new files
+    (the temporary file is created private). Returns the path.
     """
     path = Path(path)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint '{path}': state must be a dict, got {type(state).__name__}")
     _check_storable(dict(state), "state")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, state, keep_previous)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"could not write checkpoint '{path}': {exc.strerror or exc}; the previous checkpoint there, if any, "
+            "is unchanged", exc.errno) from exc
+    _fsync_directory(path.parent)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomically(path: Path, state: Mapping[str, Any], keep_previous: bool) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(dict(state), handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o666 & ~_umask())
+        if keep_previous and path.exists():
+            _link_previous(path)
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    _fsync_directory(path.parent)
-    return path
+
+
+def _link_previous(path: Path) -> None:
+    """Make ``previous_path(path)`` the file now at ``path`` (atomically: link, then rename)."""
+    link = path.with_name(f".{path.name}.prev.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(link)
+    os.link(path, link)
+    os.replace(link, previous_path(path))
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -119,27 +168,60 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _kind_of_file(path: Path) -> str | None:
+    """What a file that is not a torch checkpoint is, from its first bytes (None: it may be one).
+
+    torch checkpoints are zip archives (torch >= 1.6) or, in the legacy format, a pickle stream."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    for magic, kind in ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+                        (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "a gzip file")):
+        if head.startswith(magic):
+            return kind
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not a torch checkpoint"
+    return "a text file"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint dict with ``torch.load(weights_only=True)``: no pickled code runs.
 
     A file holding anything beyond tensors and plain containers is refused with a
-    CheckpointError naming the file.
+    CheckpointError naming the file; so is a file that is no torch checkpoint at all (empty,
+    text, an image), a truncated one, and one whose top level is not a dict.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint '{path}' is a directory; give the checkpoint file inside it, "
+                                "e.g. checkpoints/best.pt of a run")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    kind = _kind_of_file(path)
+    if kind is not None:
+        raise CheckpointError(f"'{path}' is not a checkpoint: it is {kind}" if kind != "not a torch checkpoint"
+                              else f"'{path}' is not a torch checkpoint (neither a zip archive nor a pickle stream)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).strip().splitlines()
         detail = next((line.strip() for line in reason if "Unsupported global" in line), "")
+        if not detail:
+            raise CheckpointError(f"checkpoint '{path}' could not be read (damaged or not a torch file): "
+                                  f"{reason[0] if reason else exc!r}") from exc
         detail = detail.split(" Please use", 1)[0]
         raise CheckpointError(
             f"checkpoint '{path}' contains Python objects that are not allowed by "
             f"torch.load(weights_only=True) and was refused (it could run arbitrary code). {detail}"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint '{path}' could not be read (truncated or not a torch file?): {exc}") from exc
+        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else repr(exc)
+        raise CheckpointError(f"checkpoint '{path}' could not be read (truncated or not a torch file?): {first}") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint '{path}': expected a dict at the top level, got {type(state).__name__}")
     return state
@@ -252,6 +334,32 @@ def check_training_state(state: Any, path: str | os.PathLike) -> None:
     if state.get("version", 0) > CHECKPOINT_VERSION:
         raise CheckpointError(f"'{path}' was written by a newer editor-reid (checkpoint version {state['version']}, "
                               f"this one reads up to {CHECKPOINT_VERSION})")
+
+
+def load_training_state(path: str | os.PathLike) -> tuple[dict, Path]:
+    """The checked training state at ``path`` and the file it came from.
+
+    When ``path`` cannot be read or is not a training state (a damaged disk, a truncated copy)
+    and the state it replaced is still there (:func:`previous_path`, kept by the training loop),
+    that one is used instead, with a warning naming both: the run loses the steps since, not
+    itself.
+    """
+    path = Path(path)
+    try:
+        state = load_checkpoint(path)
+        check_training_state(state, path)
+        return state, path
+    except CheckpointError as error:
+        previous = previous_path(path)
+        if not previous.is_file():
+            raise
+        try:
+            state = load_checkpoint(previous)
+            check_training_state(state, previous)
+        except CheckpointError:
+            raise error from None
+        log.warning("%s; resuming from %s, the training state written before it", error, previous)
+        return state, previous
 
 
 def restore_training_state(state: Mapping[str, Any], *, model, criterion, optimizer, scheduler, scaler,

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import editor_reid
-from editor_reid.config import Config, load_config
+from editor_reid.config import Config, ConfigError, load_config, validate_config
 from editor_reid.data.layouts import load_dataset
 from editor_reid.data.loaders import build_test_loader, seed_everything
 from editor_reid.data.synthetic import load_mask, make_synthetic
@@ -52,9 +52,10 @@ def demo_config(out: Path, seed: int, epochs: int | None = None, overrides: list
     cfg.solver.seed = seed
     if epochs is not None:
         if epochs < 1:
-            raise ValueError(f"demo --epochs must be >= 1, got {epochs}")
+            raise ConfigError(f"demo --epochs must be >= 1, got {epochs}")
         cfg.solver.max_epochs = epochs
         cfg.solver.eval_period = min(cfg.solver.eval_period, epochs) or epochs
+    validate_config(cfg)  # the seed was set by hand, after loading checked the rest
     return cfg
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "mean_over_ranks",
+    "max_over_ranks",
     "make_all_reduce_sum",
     "make_all_gather",
     "criterion_hooks",
@@ -145,6 +146,15 @@ def broadcast_object(ctx: DistContext, obj):
     box = [obj if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def max_over_ranks(ctx: DistContext, value: int) -> int:
+    """The largest of the ranks' ``value`` (one all-reduce); ``value`` itself when single-process."""
+    if not ctx.distributed:
+        return value
+    box = torch.tensor([value], dtype=torch.int64, device=ctx.device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return int(box.item())
 
 
 def mean_over_ranks(ctx: DistContext, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,8 +15,10 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from editor_reid.config import Config, config_to_dict
 from editor_reid.data.layouts import load_dataset
+from editor_reid.data.validate import preflight
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine.acceleration import maybe_compile
+from editor_reid.engine.checkpoint import CheckpointError
 from editor_reid.engine.inference import METRIC_KEYS, build_eval_loaders, evaluate_features, extract_features, summarize
 from editor_reid.engine.logging_utils import ensure_console_log
 from editor_reid.engine.tables import format_metrics_table
@@ -38,14 +40,19 @@ class LoadedWeights:
     notes: list[str] = field(default_factory=list)
 
 
+def _fit_error(path: str | Path, what: str, exc: RuntimeError) -> CheckpointError:
+    """torch's load_state_dict message, first lines only: the full list of keys can run to hundreds."""
+    lines = str(exc).strip().splitlines()
+    detail = " ".join(line.strip() for line in lines[:3]) + (" ..." if len(lines) > 3 else "")
+    return CheckpointError(f"checkpoint '{path}' {what}: {detail}")
+
+
 def _load_ours(model: nn.Module, path: str | Path, state: Mapping[str, Any]) -> LoadedWeights:
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise RuntimeError(
-            f"checkpoint '{path}' does not fit the model built from this config; test it with the run's "
-            f"config.yaml (next to checkpoints/): {exc}"
-        ) from exc
+        raise _fit_error(path, "does not fit the model built from this config; test it with the run's config.yaml "
+                               "(next to checkpoints/)", exc) from exc
     epoch = state.get("epoch", state.get("progress", {}).get("epoch"))  # weights file, or a training state
     return LoadedWeights("editor-reid", str(path), epoch=epoch, metrics=state.get("metrics"),
                          config=state.get("config"))
@@ -71,7 +78,7 @@ def load_weights(model: nn.Module, path: str | Path, state: Any = None) -> Loade
     if ckpt.is_editor_reid_checkpoint(state):
         return _load_ours(model, path, state)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"'{path}' is neither an editor-reid checkpoint nor a state dict of tensors")
+        raise CheckpointError(f"'{path}' is neither an editor-reid checkpoint nor a state dict of tensors")
     if is_official_state_dict(state):
         return _load_official(model, path, state)
     plain = dict(state)
@@ -79,22 +86,47 @@ def load_weights(model: nn.Module, path: str | Path, state: Any = None) -> Loade
     try:
         model.load_state_dict(plain)
     except RuntimeError as exc:
-        raise RuntimeError(f"'{path}' is a state dict but matches neither this model nor the official layout: {exc}") from exc
+        raise _fit_error(path, "is a state dict but matches neither this model nor the official layout", exc) from exc
     return LoadedWeights("state_dict", str(path))
 
 
-def model_for_checkpoint(cfg: Config, state: Any, num_classes: int, num_cameras: int) -> nn.Module:
+def model_for_checkpoint(cfg: Config, state: Any, num_classes: int, num_cameras: int,
+                         source: str | Path = "the checkpoint") -> nn.Module:
     """The model a checkpoint was made for: its heads and SIE table are sized by the training
     split it saw (the heads are not used for retrieval), which the file tells better than the
-    dataset at hand; ``num_classes`` / ``num_cameras`` are used where it does not."""
+    dataset at hand; ``num_classes`` / ``num_cameras`` are used where it does not. ``source``
+    names the file in errors."""
+    classes = cameras = None
     if ckpt.is_editor_reid_checkpoint(state):
-        num_classes = int(state.get("num_classes", num_classes))
-        num_cameras = int(state.get("num_cameras", num_cameras))
+        classes, cameras = state.get("num_classes"), state.get("num_cameras")
     elif isinstance(state, Mapping) and is_official_state_dict(state):
         classes, cameras = official_model_sizes(state)
-        num_classes = classes if classes is not None else num_classes
-        num_cameras = cameras if cameras is not None else num_cameras
+    elif isinstance(state, Mapping):  # a plain state dict of our model: its shapes tell
+        classes, cameras = _leading_size(state, "fuse_head.weight", 2), _leading_size(state, "backbone.sie_embed", 3)
+    num_classes = int(classes) if classes is not None else num_classes
+    num_cameras = int(cameras) if cameras is not None else num_cameras
+    if num_classes <= 0:
+        raise CheckpointError(f"'{source}' does not say how many identities it was trained on (neither an "
+                              "editor-reid checkpoint, nor an official one, nor a state dict with fuse_head.weight)")
     return build_model(cfg, num_classes, num_cameras)
+
+
+def _leading_size(state: Mapping[str, Any], key: str, ndim: int) -> int | None:
+    value = state.get(key, state.get(f"module.{key}"))
+    return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.dim() == ndim else None
+
+
+def _check_cameras(model: nn.Module, splits, weights) -> None:
+    """Camera ids beyond the model's SIE table would index it out of range mid-evaluation."""
+    sie = model.backbone.sie_embed
+    if sie is None:
+        return
+    camids = [s.camid for s in (*splits.query, *splits.gallery)]
+    if camids and max(camids) >= sie.shape[0]:
+        raise CheckpointError(
+            f"checkpoint '{weights}' was trained with {sie.shape[0]} cameras (its SIE camera embedding), but the "
+            f"{splits.name} test split has camera id {max(camids)} (camera {max(camids) + 1}); a checkpoint can be "
+            "tested only on data whose cameras it has seen, e.g. the dataset it was trained on")
 
 
 def _average(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -159,10 +191,13 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     ensure_console_log()
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = ckpt.load_checkpoint(weights, map_location="cpu")
-    splits = load_dataset(cfg.datasets.names, cfg.datasets.root_dir)
-    model = model_for_checkpoint(cfg, state, splits.num_train_pids, splits.num_cameras)
+    # Only the evaluation split is needed: the checkpoint tells its identity and camera counts.
+    splits = load_dataset(cfg.datasets.names, cfg.datasets.root_dir, splits=("query", "gallery"))
+    preflight(splits, ("query", "gallery"), cfg.datasets.modalities)
+    model = model_for_checkpoint(cfg, state, splits.num_train_pids, splits.num_cameras, weights)
     loaded = load_weights(model, weights, state)
     _check_config(loaded, cfg)
+    _check_cameras(model, splits, weights)
     maybe_compile(model.to(dev).eval(), cfg)
     rerank = rerank or cfg.test.re_ranking
     rows = _evaluate_subsets(cfg, model, splits, dev, missing, rerank)

@@ -12,13 +12,19 @@ Layout (``cfg.output_dir``, or the directory given to ``--resume``)::
     checkpoints/epoch_{n}.pt  weights every solver.checkpoint_period epochs
 
 A new run refuses a directory that already holds ``checkpoints/last.pt`` (continue it with
-``--resume`` instead). A resumed run takes its configuration from the run's own
-``config.yaml``; the command line may change only the keys of :data:`RESUMABLE_KEYS`.
+``--resume`` instead), and removes the directory it created when it fails before its first
+step. ``--resume auto`` resumes ``output_dir`` when it holds a run and starts one there
+otherwise (for job arrays that requeue the same command). A resumed run takes its
+configuration from the run's own ``config.yaml``; the command line may change only the keys of
+:data:`RESUMABLE_KEYS`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,7 @@ import yaml
 
 from editor_reid.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 
-__all__ = ["RESUMABLE_KEYS", "RunDir", "open_run_dir", "resume_config", "last_state_path"]
+__all__ = ["RESUMABLE_KEYS", "RunDir", "open_run_dir", "resume_config", "last_state_path", "initialisation"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,21 @@ class RunDir:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     def write_config(self) -> None:
-        (self.path / "config.yaml").write_text(dump_config(self.cfg))
+        """``config.yaml``, headed by a comment saying how the model was initialised."""
+        header = f"# initialisation: {initialisation(self.cfg)}\n"
+        (self.path / "config.yaml").write_text(header + dump_config(self.cfg))
+
+    @contextlib.contextmanager
+    def removed_on_failure(self, used: Callable[[], bool]) -> Iterator[None]:
+        """Remove the directory of a new run if the block fails before ``used()`` (its first step),
+        unless it existed before: a failed start leaves nothing half-made behind."""
+        created = not self.resumed and not self.path.exists()
+        try:
+            yield
+        except BaseException:
+            if created and not used():
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def environment_file(self, resumed_at_epoch: int) -> Path:
         """``env.json`` for a new run; a resumed run keeps it and writes ``env.resume-<epoch>.json``."""
@@ -80,11 +100,15 @@ class RunDir:
 
 
 def open_run_dir(cfg: Config, resume: str | Path | None = None, *, rank: int = 0) -> RunDir:
-    """The run directory of a new run (``cfg.output_dir``) or of the run in ``resume``.
+    """The run directory of a new run (``cfg.output_dir``) or of the run in ``resume``
+    (``"auto"``: ``cfg.output_dir``'s run if it has one, else a new run there).
 
     Raises ConfigError when a new run would overwrite a run, FileNotFoundError when ``resume``
     holds no training state. ``rank`` only refines the message on a multi-machine job.
     """
+    if resume == "auto":
+        resume = cfg.output_dir if last_state_path(cfg.output_dir).is_file() else None
+        log.info("--resume auto: %s", f"resuming {resume}" if resume else f"no run in {cfg.output_dir}; starting one")
     if resume is None:
         path = Path(cfg.output_dir)
         if last_state_path(path).exists():
@@ -92,6 +116,10 @@ def open_run_dir(cfg: Config, resume: str | Path | None = None, *, rank: int = 0
                 f"output_dir '{path}' already holds a run (checkpoints/last.pt); continue it with "
                 f"`--resume {path}` or choose another directory with output_dir=..."
             )
+        if cfg.model.pretrain_choice != "none" and not cfg.model.pretrain_path:
+            log.warning("model.pretrain_choice is '%s' but model.pretrain_path is empty: training starts from RANDOM "
+                        "initialisation, far below the published accuracy; pass the weights file with "
+                        "model.pretrain_path=PATH (or set model.pretrain_choice=none)", cfg.model.pretrain_choice)
         return RunDir(path, cfg, resumed=False)
     path = Path(resume)
     cfg = resume_config(path, cfg)
@@ -100,6 +128,16 @@ def open_run_dir(cfg: Config, resume: str | Path | None = None, *, rank: int = 0
                                        "must be on a filesystem they all see)")
         raise FileNotFoundError(f"cannot resume: {last_state_path(path)} does not exist{shared}")
     return RunDir(path, cfg, resumed=True)
+
+
+def initialisation(cfg: Config) -> str:
+    """How the run's model starts: from which pretrained file, or from random weights and why."""
+    m = cfg.model
+    if m.pretrain_choice == "none":
+        return "random (model.pretrain_choice is none)"
+    if not m.pretrain_path:
+        return f"random (model.pretrain_choice is {m.pretrain_choice} but model.pretrain_path is empty)"
+    return f"{m.pretrain_choice} weights from {m.pretrain_path}"
 
 
 def _is_resumable(key: str) -> bool:

@@ -10,6 +10,7 @@ pos_embed and sie_embed included, docs/official-behaviour.md#quirk-weight-decay-
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -17,6 +18,8 @@ import torch.nn as nn
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from editor_reid.config import AMP_CHOICES
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "build_optimizer",
@@ -100,8 +103,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> CosineLRScheduler:
     ``base_lr * solver.eta_min_factor``. warmup_lr_init and lr_min are shared by all groups
     (computed from ``solver.base_lr``), while each group warms up to and decays from its own
     base (the bias group to 2 * base_lr). The cosine uses the absolute epoch (no warmup prefix
-    shift). Construction sets the LR of epoch 0; call ``step(epoch)`` at the start of every
-    epoch, epoch = 1..T. The scheduler keeps no epoch counter: its ``state_dict`` holds the
+    shift), so the last epoch (t = T) runs at lr_min. Construction sets the LR of epoch 0; call
+    ``step(epoch)`` at the start of every epoch, epoch = 1..T.
+
+    Short runs (T <= max(warmup_t, 1), e.g. a 1-epoch smoke run) are too short for that shape:
+    the warmup is skipped and the cosine runs over T + 1 epochs, so epoch t gets
+    lr_min + (base - lr_min) * (1 + cos(pi * t / (T + 1))) / 2 and none runs at the floor. The scheduler keeps no epoch counter: its ``state_dict`` holds the
     schedule only, and the LR of the epoch in progress comes back with the optimiser's state.
     """
     s = cfg.solver
@@ -112,11 +119,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> CosineLRScheduler:
         raise ValueError(f"config key 'solver.warmup_iters' must be >= 0, got {s.warmup_iters}")
     if s.eta_min_factor < 0:
         raise ValueError(f"config key 'solver.eta_min_factor' must be >= 0, got {s.eta_min_factor}")
+    t_initial, warmup_t = s.max_epochs, s.warmup_iters
+    if s.max_epochs <= max(s.warmup_iters, 1):
+        # Too short for the official shape: its warmup would never end, and its last epoch
+        # (epoch T) runs at the floor LR, which for a 1-epoch run is the whole run. Skip the
+        # warmup and stretch the cosine by one epoch, so every epoch trains.
+        t_initial, warmup_t = s.max_epochs + 1, 0
+        log.warning("solver.max_epochs=%d is not longer than the warmup (solver.warmup_iters=%d): the warmup is "
+                    "skipped and the cosine runs over %d epochs, so that no epoch runs at the floor LR",
+                    s.max_epochs, s.warmup_iters, t_initial)
     return _CheckedCosineLR(
         optimizer,
-        t_initial=s.max_epochs,
+        t_initial=t_initial,
         lr_min=s.base_lr * s.eta_min_factor,
-        warmup_t=s.warmup_iters,
+        warmup_t=warmup_t,
         warmup_lr_init=s.base_lr * s.warmup_factor,
         cycle_limit=1,
         t_in_epochs=True,

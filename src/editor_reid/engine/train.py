@@ -25,13 +25,15 @@ from pathlib import Path
 
 import torch
 
-from editor_reid.config import Config, config_to_dict
+from editor_reid.config import Config, ConfigError, config_to_dict
 from editor_reid.data.layouts import load_dataset
 from editor_reid.data.loaders import build_train_loader, seed_everything
+from editor_reid.data.validate import preflight
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine import distributed as du
 from editor_reid.engine.acceleration import determinism, maybe_compile
 from editor_reid.engine.inference import METRIC_KEYS, batch_images, build_eval_loaders, evaluate_model
+from editor_reid.engine.interrupt import StopRequest
 from editor_reid.engine.logging_utils import (
     MetricsLogger,
     ensure_console_log,
@@ -42,9 +44,10 @@ from editor_reid.engine.logging_utils import (
     write_environment,
 )
 from editor_reid.engine.progress import Progress
-from editor_reid.engine.rundir import open_run_dir
+from editor_reid.engine.rundir import initialisation, open_run_dir
 from editor_reid.engine.solver import autocast_context, build_optimizer, build_scheduler, make_grad_scaler
 from editor_reid.engine.tables import format_summary
+from editor_reid.errors import TrainingInterrupted
 from editor_reid.losses import EditorCriterion, NonFiniteLossError, check_finite
 from editor_reid.model import build_model
 
@@ -82,7 +85,12 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Build the run, train the remaining epochs, evaluate, checkpoint; return the summary."""
+        """Build the run, train the remaining epochs, evaluate, checkpoint; return the summary.
+
+        Raises :class:`~editor_reid.errors.TrainingInterrupted` after writing a checkpoint when
+        SIGINT or SIGTERM arrives. A new run that fails before its first step leaves no run
+        directory behind.
+        """
         ensure_console_log()
         self.ctx = du.init_distributed(self.device)
         with ExitStack() as stack:
@@ -91,6 +99,7 @@ class Trainer:
             self.run = open_run_dir(self.cfg, self.resume, rank=self.ctx.rank)
             self.cfg = self.run.cfg
             if self.ctx.is_main:
+                stack.enter_context(self.run.removed_on_failure(lambda: self.progress.global_step > 0))
                 self.run.create()
                 stack.enter_context(file_log(self.run.path / "train.log"))
             du.check_world_size(self.cfg, self.ctx)
@@ -98,10 +107,11 @@ class Trainer:
             self._build()
             resume_rng, metrics_offset = self._restore()
             self.metrics_log = MetricsLogger(
-                self.run.path / "metrics.jsonl", enabled=self.ctx.is_main, truncate_to=metrics_offset,
+                self.run.path / "metrics.jsonl", enabled=self.ctx.is_main, truncate_to=metrics_offset or 0,
                 tensorboard_dir=self.run.path / "tensorboard" if self.cfg.solver.tensorboard else None)
             stack.callback(self.metrics_log.close)
             self._write_run_files()
+            self.stop = stack.enter_context(StopRequest())
             if self.evaluate_untrained and self.progress.epoch == 0 and self.progress.step == 0:
                 self.evaluate(0)
             self._run_epochs(resume_rng)
@@ -112,6 +122,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         seed_everything(cfg.solver.seed)
         self.splits = load_dataset(cfg.datasets.names, cfg.datasets.root_dir)
+        # Stat every file the run will read now, rather than fail on a missing one mid-epoch.
+        preflight(self.splits, ("train", "query", "gallery") if ctx.is_main else ("train",), cfg.datasets.modalities)
         self.num_classes, self.num_cameras = self.splits.num_train_pids, self.splits.num_cameras
         self.loader = build_train_loader(cfg, self.splits, rank=ctx.rank, world_size=ctx.world_size)
         self.eval_loaders = build_eval_loaders(cfg, self.splits) if ctx.is_main else None
@@ -131,9 +143,7 @@ class Trainer:
         """Load ``last.pt`` of a resumed run; returns (RNG state, metrics-log offset)."""
         if not self.run.resumed:
             return None, None
-        path = self.run.last_state
-        state = ckpt.load_checkpoint(path, map_location="cpu")
-        ckpt.check_training_state(state, path)
+        state, _ = ckpt.load_training_state(self.run.last_state)
         kept = ckpt.restore_training_state(state, **self._parts())
         self.progress = Progress(**kept["progress"])
         log.info("resuming %s from epoch %d%s", self.run.path, self.progress.epoch,
@@ -146,7 +156,7 @@ class Trainer:
             return
         self.run.write_config()
         write_environment(self.run.environment_file(self.progress.epoch), self.ctx.device,
-                          world_size=self.ctx.world_size)
+                          world_size=self.ctx.world_size, initialisation=initialisation(self.cfg))
         s = self.splits
         log.info("run directory: %s", self.run.path.resolve())
         log.info("data: %s, %d train IDs, %d cameras, %d train / %d query / %d gallery samples",
@@ -159,7 +169,7 @@ class Trainer:
             state = ckpt.capture_training_state(
                 **self._parts(), progress=dataclasses.asdict(self.progress), config=config_to_dict(self.cfg),
                 metrics_offset=self.metrics_log.offset(), num_classes=self.num_classes, num_cameras=self.num_cameras)
-            ckpt.save_checkpoint(self.run.last_state, state)
+            ckpt.save_checkpoint(self.run.last_state, state, keep_previous=True)
 
     def save_weights(self, name: str, epoch: int, metrics: dict | None) -> None:
         if self.ctx.is_main:
@@ -217,6 +227,8 @@ class Trainer:
             self.save_last()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch)
+            if self.stop.agreed(self.ctx) and epoch < s.max_epochs:
+                raise self._interrupted(epoch, None)
 
     def train_epoch(self, epoch: int, skip: int = 0, rng_state: dict | None = None) -> None:
         """One epoch; ``skip`` steps already done before a mid-epoch checkpoint with ``rng_state``."""
@@ -247,11 +259,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{values['total']:.3f}", lr=f"{lr:.2e}", refresh=False,
                                     eta=format_eta(self._eta(epoch, step, steps, started)))
                 bar.update(1)
-                if s.checkpoint_steps > 0 and step % s.checkpoint_steps == 0 and step < steps:
+                stop = self.stop.agreed(self.ctx)
+                if stop or (s.checkpoint_steps > 0 and step % s.checkpoint_steps == 0 and step < steps):
                     self.synchronise_ranks()
                     p.step, p.epoch_time = step, time.perf_counter() - started
                     p.epoch_sums = {k: float(v) for k, v in sums.items()}
                     self.save_last()
+                if stop:
+                    raise self._interrupted(epoch, step)
                 if self.on_step is not None:
                     self.on_step(epoch, step)
         finally:
@@ -294,6 +309,10 @@ class Trainer:
         self.scaler.update()
         return terms
 
+    def _interrupted(self, epoch: int, step: int | None) -> TrainingInterrupted:
+        where = f"epoch {epoch}, step {step}" if step is not None else f"the end of epoch {epoch}"
+        return self.stop.interrupted(where, self.run.last_state, self.run.path)
+
     def _lr(self) -> float:
         """The LR of the weight group (bias groups run at solver.bias_lr_factor times it)."""
         groups = self.optimizer.param_groups
@@ -305,7 +324,7 @@ class Trainer:
         cap = self.cfg.solver.max_steps_per_epoch
         steps = min(len(self.loader), cap) if cap > 0 else len(self.loader)
         if steps == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the training loader yields no batch: {len(self.splits.train)} train samples cannot fill one P×K "
                 f"batch of solver.ims_per_batch={self.cfg.solver.ims_per_batch} "
                 f"(dataloader.num_instance={self.cfg.dataloader.num_instance})")

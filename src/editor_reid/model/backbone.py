@@ -41,10 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from editor_reid.errors import UsageError
 from editor_reid.model import _timm
 
 __all__ = [
     "ARCHITECTURES",
+    "BackboneConfigError",
     "BackboneOutput",
     "ViTBackbone",
     "attention_probs",
@@ -136,31 +138,42 @@ def _heads_first(x: torch.Tensor, parts: int, heads: int) -> torch.Tensor:
     return x.view(batch, length, parts, heads, width // (parts * heads)).permute(2, 0, 3, 1, 4).contiguous()
 
 
+class BackboneConfigError(UsageError, ValueError):
+    """A model.* setting the backbone cannot be built with (exit status 2 on the command line)."""
+
+
+# Heads of each timm definition when model.num_heads does not override them.
+_DEFAULT_HEADS = {"vit_base_patch16_224": 12, "vit_small_patch16_224": 6, "vit_base_patch16_clip_quickgelu_224": 12}
+
+
 def _timm_arguments(
     transformer_type: str, stride_size, img_size: tuple[int, int], embed_dim: int, depth: int, num_heads: int
 ) -> tuple[str, dict]:
     """Validated (timm model name, size overrides) for :class:`ViTBackbone`."""
     if transformer_type not in ARCHITECTURES:
-        raise ValueError(
+        raise BackboneConfigError(
             f"model.transformer_type '{transformer_type}' is not supported; choose one of {', '.join(ARCHITECTURES)}"
         )
     if tuple(stride_size) != (PATCH_SIZE, PATCH_SIZE):
-        raise ValueError(
+        raise BackboneConfigError(
             f"model.stride_size {list(stride_size)} is not supported: only non-overlapping 16x16 patches "
             "(stride [16, 16], as in every official config) are implemented"
         )
     height, width = img_size
     if height % PATCH_SIZE or width % PATCH_SIZE or height <= 0 or width <= 0:
-        raise ValueError(f"input size {height}x{width} must be positive multiples of {PATCH_SIZE} (H x W)")
+        raise BackboneConfigError(f"input size {height}x{width} must be positive multiples of {PATCH_SIZE} (H x W)")
     timm_name, arch_kwargs = ARCHITECTURES[transformer_type]
     kwargs = dict(arch_kwargs)
     for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
         if value:
             kwargs[key] = value
-    if "num_heads" in kwargs and "embed_dim" in kwargs and kwargs["embed_dim"] % kwargs["num_heads"]:
-        raise ValueError(
-            f"model.embed_dim {kwargs['embed_dim']} is not divisible by model.num_heads {kwargs['num_heads']}"
-        )
+    heads = kwargs.get("num_heads", _DEFAULT_HEADS.get(timm_name))
+    if "embed_dim" in kwargs and heads and kwargs["embed_dim"] % heads:
+        source = "model.num_heads" if "num_heads" in kwargs else f"the {heads} heads of {transformer_type}"
+        raise BackboneConfigError(f"model.embed_dim {kwargs['embed_dim']} is not divisible by {source} {heads}"
+                                  if "num_heads" in kwargs else
+                                  f"model.embed_dim {kwargs['embed_dim']} is not divisible by {source}; "
+                                  "set model.num_heads too")
     return timm_name, kwargs
 
 
