@@ -111,3 +111,29 @@ def test_bench_metrics_agrees_with_the_reference_evaluator():
     result = _run_script("bench_metrics.py", "--queries", "40", "--gallery", "300", "--ids", "6", "--cameras", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "results identical" in result.stdout
+
+
+def test_bench_memory_reports_the_rss_trend_of_a_training_run(tmp_path):
+    out = tmp_path / "memory.json"
+    result = _run_script("bench_memory.py", "--tiny", "--steps", "24", "--eval-every", "12", "--trim-after-eval",
+                         "--threads", "1", "--print-every", "0", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] == 24 and 1 <= report["warmup_steps"] <= 12
+    config = report["config"]
+    assert config["loop"] == "trainer" and config["allocator"].startswith("system") and config["trim_after_eval"]
+    assert _positive(report["seconds_per_step"])
+    rss = report["rss_mib"]
+    assert all(_positive(rss[key]) for key in ("first_step", "warmup_end", "end", "peak"))
+    assert rss["peak"] >= max(rss["first_step"], rss["warmup_end"], rss["end"]) - 1  # sampled vs high-water
+    assert math.isfinite(report["slope_mib_per_100_steps"])
+    assert report["slope_window"] == [13, 24]
+    assert len(report["samples"]["rss_mib"]) == 24
+    if "heap_mib" in report:  # glibc only
+        assert all(math.isfinite(report["heap_mib"][k]["slope_per_100_steps"]) for k in ("in_use", "free_held"))
+    # 128x64 with 16x16 patches is an 8x4 grid; SFTS keeps at least the frequency budget.
+    kept = report["kept_patches"]
+    assert report["num_patches"] == 32
+    assert 1 <= kept["min"] <= kept["mean"] <= kept["max"] <= 32 and kept["distinct_padded_lengths"] >= 1
+    assert [e["step"] for e in report["evaluations"]] == [12, 24]
+    assert "RSS slope" in result.stdout

@@ -20,13 +20,14 @@ from editor_reid.data.loaders import (
     DataLoaderWorkerError,
     EvalLoader,
     TrainLoader,
+    _lost_worker,
     build_test_loader,
     build_train_loader,
     collate,
     epoch_seed,
 )
-from editor_reid.errors import EditorReidError
 from editor_reid.data.synthetic import make_synthetic
+from editor_reid.errors import EditorReidError
 
 
 def _cfg(*overrides):
@@ -189,7 +190,8 @@ def _assert_names(error: DataLoaderWorkerError, index: int, sample, how: str) ->
     assert error.worker_id == 0 and error.index == index and f"sample {index}" in str(error)
     assert all(path in str(error) for path in sample.paths.values())
     assert ("killed by signal: Killed" if how == "signal" else "exit code 3") in str(error)
-    assert isinstance(error.__cause__, RuntimeError)  # torch's own error stays chained
+    # torch's own error stays chained (or the broken queue's, when the death broke the pipe first)
+    assert isinstance(error.__cause__, (RuntimeError, ConnectionError, EOFError))
 
 
 @pytest.mark.parametrize("how", ["signal", "exit"])
@@ -226,3 +228,22 @@ def test_a_worker_dying_while_the_main_process_computes_is_reported_too(splits, 
             time.sleep(10)  # "the training step": the worker reads ahead and dies meanwhile
     assert seen == [0]  # raised inside the loop body, not by the iterator
     _assert_names(info.value, victim, splits.gallery[victim], "signal")
+
+
+@pytest.mark.parametrize("how", ["signal", "exit"])
+def test_a_worker_that_breaks_its_queue_is_found_by_its_exit(splits, how):
+    """A death that breaks the queue's pipe before torch notices it (ConnectionResetError)."""
+    dataset = build_test_loader(_cfg("dataloader.num_workers=1"), splits.gallery).dataset
+    pid = os.fork()
+    if pid == 0:  # the "worker": dies at once
+        if how == "signal":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(3)
+    try:
+        dataset.reading[0] = torch.tensor([pid, 7])
+        error = _lost_worker(dataset, ConnectionResetError(104, "Connection reset by peer"))
+    finally:
+        os.waitpid(pid, 0)
+    assert isinstance(error, DataLoaderWorkerError) and error.pid == pid and error.index == 7
+    assert "sample 7" in str(error) and all(path in str(error) for path in splits.gallery[7].paths.values())
+    assert ("killed by signal: Killed" if how == "signal" else "exit code 3") in str(error)

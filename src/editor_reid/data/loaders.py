@@ -14,7 +14,7 @@ epoch from that base seed instead of carrying their RNG streams across epochs.
 
 from __future__ import annotations
 
-import multiprocessing
+import os
 import random
 import re
 import signal
@@ -140,22 +140,36 @@ def _raise_once(report: DataLoaderWorkerError, exc: BaseException) -> None:
     raise report from exc
 
 
+def _death_of(pid: int) -> str | None:
+    """How child process ``pid`` ended, in torch's words, without reaping it (torch still
+    will); None while it runs."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return "exited"  # reaped already: how is no longer known
+    if info is None:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return f"exited unexpectedly with exit code {info.si_status}"
+    return f"is killed by signal: {signal.strsignal(info.si_status) or info.si_status}"
+
+
 def _lost_worker(dataset: MultiModalDataset, exc: BaseException) -> DataLoaderWorkerError | None:
     """A worker that dies while the main process reads from its queue can break the pipe
     (ConnectionResetError, EOFError) before torch sees the death and words it: find the dead
-    worker among the dataset's readers (waiting briefly for the process to be reaped)."""
-    if dataset.reading is None:
+    worker among the dataset's readers (waiting briefly for its exit to be visible)."""
+    if dataset.reading is None or not hasattr(os, "waitid"):
         return None
     deadline = time.monotonic() + 2.0
     while True:
-        alive = {child.pid for child in multiprocessing.active_children()}  # also reaps finished children
-        dead = [(w, pid, index) for w, (pid, index) in enumerate(dataset.reading.tolist()) if pid > 0 and pid not in alive]
-        if dead or time.monotonic() > deadline:
-            break
+        for worker, (pid, index) in enumerate(dataset.reading.tolist()):
+            death = _death_of(pid) if pid > 0 else None
+            if death is not None:
+                cause = f"DataLoader worker (pid {pid}) {death} ({type(exc).__name__} on its queue)"
+                return _report(dataset, worker, pid, index, cause=cause)
+        if time.monotonic() > deadline:
+            return None
         time.sleep(0.05)
-    if not dead:
-        return None
-    return _report(dataset, *dead[0], cause=f"its connection broke ({type(exc).__name__}: {exc})")
 
 
 def _reading_table(num_workers: int) -> torch.Tensor | None:

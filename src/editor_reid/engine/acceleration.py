@@ -1,4 +1,5 @@
-"""Device-level execution settings of a run: optional ``torch.compile`` and deterministic kernels.
+"""Device-level execution settings of a run: optional ``torch.compile``, deterministic kernels,
+and handing freed host memory back to the system.
 
 An engine concern, so the model itself stays free of logging and global switches.
 """
@@ -6,6 +7,7 @@ An engine concern, so the model itself stays free of logging and global switches
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["maybe_compile", "determinism"]
+__all__ = ["maybe_compile", "determinism", "release_freed_memory"]
 
 
 @contextlib.contextmanager
@@ -56,3 +58,21 @@ def maybe_compile(model: nn.Module, cfg) -> nn.Module:
         return model
     model.compile()
     return model
+
+
+def release_freed_memory() -> bool:
+    """Return the C heap's freed pages to the system (glibc ``malloc_trim(0)``); True if it ran.
+
+    For a training process after an evaluation pass (docs/performance.md#memory-over-a-long-run):
+    glibc keeps the freed evaluation temporaries; the next training steps place their tensors in
+    that memory, so each later evaluation no longer fits in it and extends the heap. Trimming
+    once per evaluation keeps the resident set from growing with every evaluation, at the cost of
+    the next step faulting its pages in again. Tensors and results are untouched. Does nothing
+    (False) where the C library is not glibc.
+    """
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True

@@ -31,7 +31,7 @@ from editor_reid.data.loaders import build_train_loader, seed_everything
 from editor_reid.data.validate import preflight
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine import distributed as du
-from editor_reid.engine.acceleration import determinism, maybe_compile
+from editor_reid.engine.acceleration import determinism, maybe_compile, release_freed_memory
 from editor_reid.engine.inference import METRIC_KEYS, batch_images, build_eval_loaders, evaluate_model
 from editor_reid.engine.interrupt import StopRequest
 from editor_reid.engine.logging_utils import (
@@ -201,6 +201,7 @@ class Trainer:
         if self.ctx.is_main:
             t0 = time.perf_counter()
             metrics = evaluate_model(self.cfg, self.model, self.splits, self.ctx.device, loaders=self.eval_loaders)
+            release_freed_memory()  # else every evaluation leaves the heap larger (docs/performance.md)
             self.metrics_log.log("eval", global_step=self.progress.global_step, epoch=epoch, **metrics)
             log.info("epoch %d evaluation (%.1fs): mAP %.2f%%  Rank-1 %.2f%%  Rank-5 %.2f%%  Rank-10 %.2f%%  "
                      "mINP %.2f%%", epoch, time.perf_counter() - t0, *(100 * metrics[k] for k in METRIC_KEYS))
