@@ -19,50 +19,31 @@ import pytest
 import torch
 
 from editor_reid.config import dump_config, load_config
-from editor_reid.data.synthetic import make_synthetic
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint
 from editor_reid.engine.train import train
 
-TINY = [
-    "model.pretrain_choice=none", "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.drop_path=0.1",
-    "model.head_keep=1", "model.frequency_keep=2", "input.size_train=[64,32]", "input.size_test=[64,32]",
-    "dataloader.num_workers=0", "dataloader.num_instance=2", "solver.ims_per_batch=8", "solver.warmup_iters=1",
-    "solver.optimizer_name=SGD", "solver.base_lr=0.01", "solver.deterministic=true", "solver.max_steps_per_epoch=4",
-    "solver.log_period=1", "solver.checkpoint_period=0", "solver.max_epochs=2", "solver.eval_period=1",
-    "test.ims_per_batch=64",
-]
+from _tiny import assert_same_run, train_cfg
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = ["solver.max_steps_per_epoch=4", "solver.checkpoint_period=0", "solver.max_epochs=2",
+        "solver.eval_period=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Exact equality across runs (and with a subprocess started with OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_cfg(train_data, out, *extra):
+    return train_cfg(train_data, out, *TINY, *extra)
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic("rgbnt201", root, ids=12, views=2, seed=0)
-    return root
-
-
-def tiny_cfg(data_root, out, *extra):
-    return load_config(None, overrides=[*TINY, f"datasets.root_dir={data_root}", f"output_dir={out}", *extra])
-
-
-@pytest.fixture(scope="module")
-def references(data_root, tmp_path_factory):
+def references(train_data, tmp_path_factory):
     """Uninterrupted runs by DataLoader worker count (workers draw their own augmentation)."""
     runs = {}
 
     def reference(workers: int = 0) -> Path:
         if workers not in runs:
             runs[workers] = tmp_path_factory.mktemp("runs") / f"reference_{workers}"
-            train(tiny_cfg(data_root, runs[workers], f"dataloader.num_workers={workers}"), quiet=True)
+            train(tiny_cfg(train_data, runs[workers], f"dataloader.num_workers={workers}"), quiet=True)
         return runs[workers]
 
     return reference
@@ -71,17 +52,6 @@ def references(data_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(references):
     return references(0)
-
-
-def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
-    a = load_checkpoint(a_dir / "checkpoints" / "last.pt")
-    b = load_checkpoint(b_dir / "checkpoints" / "last.pt")
-    for part in ("model", "criterion"):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
-    assert a["progress"]["global_step"] == b["progress"]["global_step"]
-    assert a["progress"]["history"] == b["progress"]["history"]
 
 
 def leftovers(run_dir: Path) -> list[str]:
@@ -112,10 +82,10 @@ def _wait_for_first_step(out: Path, process: subprocess.Popen, timeout: float = 
 
 
 @pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 1)])
-def test_signal_mid_run_writes_a_checkpoint_and_resume_is_exact(references, data_root, tmp_path, signum, workers):
+def test_signal_mid_run_writes_a_checkpoint_and_resume_is_exact(references, train_data, tmp_path, signum, workers):
     out = tmp_path / "signalled"
     config = tmp_path / "run.yaml"
-    config.write_text(dump_config(tiny_cfg(data_root, out, f"dataloader.num_workers={workers}")))
+    config.write_text(dump_config(tiny_cfg(train_data, out, f"dataloader.num_workers={workers}")))
     process = _train_process(config, out)
     _wait_for_first_step(out, process)
     os.killpg(process.pid, signum)  # the whole group, workers included, as Ctrl-C or a scheduler does
@@ -127,8 +97,8 @@ def test_signal_mid_run_writes_a_checkpoint_and_resume_is_exact(references, data
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert (state["progress"]["epoch"], state["progress"]["step"]) != (2, 0), "the signal came too late to test"
     assert leftovers(out) == []
-    train(tiny_cfg(data_root, out, f"dataloader.num_workers={workers}"), resume=str(out), quiet=True)
-    assert_same_weights(references(workers), out)
+    train(tiny_cfg(train_data, out, f"dataloader.num_workers={workers}"), resume=str(out), quiet=True)
+    assert_same_run(references(workers), out)
 
 
 # ------------------------------------------------------------------------- failed checkpoint writes
@@ -165,22 +135,22 @@ def _fail_second_last_pt_write(monkeypatch, target: str, error: OSError) -> None
     ("save", OSError(errno.ENOSPC, "No space left on device")),
     ("replace", OSError(errno.EIO, "Input/output error")),
 ])
-def test_failed_checkpoint_write_keeps_the_previous_one(reference, data_root, tmp_path, monkeypatch, target, error):
+def test_failed_checkpoint_write_keeps_the_previous_one(reference, train_data, tmp_path, monkeypatch, target, error):
     out = tmp_path / "full_disk"
     _fail_second_last_pt_write(monkeypatch, target, error)
     with pytest.raises(CheckpointWriteError) as info:
-        train(tiny_cfg(data_root, out), quiet=True)
+        train(tiny_cfg(train_data, out), quiet=True)
     monkeypatch.undo()
     message = str(info.value)
     assert "last.pt" in message and error.strerror in message and "unchanged" in message
     assert info.value.errno == error.errno
     assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["epoch"] == 1  # the first write survives
     assert leftovers(out) == []
-    train(tiny_cfg(data_root, out), resume=str(out), quiet=True)
-    assert_same_weights(reference, out)
+    train(tiny_cfg(train_data, out), resume=str(out), quiet=True)
+    assert_same_run(reference, out)
 
 
-def test_damaged_last_pt_falls_back_to_the_state_before_it(reference, data_root, tmp_path, caplog):
+def test_damaged_last_pt_falls_back_to_the_state_before_it(reference, train_data, tmp_path, caplog):
     out = tmp_path / "damaged"
 
     class Stop(Exception):
@@ -191,22 +161,22 @@ def test_damaged_last_pt_falls_back_to_the_state_before_it(reference, data_root,
             raise Stop
 
     with pytest.raises(Stop):
-        train(tiny_cfg(data_root, out, "solver.checkpoint_steps=1"), on_epoch_end=stop_after_epoch_1, quiet=True)
+        train(tiny_cfg(train_data, out, "solver.checkpoint_steps=1"), on_epoch_end=stop_after_epoch_1, quiet=True)
     last, previous = out / "checkpoints" / "last.pt", out / "checkpoints" / "last.prev.pt"
     assert load_checkpoint(previous)["progress"]["step"] == 3  # the step checkpoint before the epoch's end
     last.write_bytes(last.read_bytes()[:1000])  # a truncated copy, a failing disk
-    train(tiny_cfg(data_root, out), resume=str(out), quiet=True)
+    train(tiny_cfg(train_data, out), resume=str(out), quiet=True)
     assert "last.pt" in caplog.text and "last.prev.pt" in caplog.text
-    assert_same_weights(reference, out)
+    assert_same_run(reference, out)
 
 
-def test_damaged_last_pt_without_a_previous_one_is_a_clear_error(data_root, tmp_path):
+def test_damaged_last_pt_without_a_previous_one_is_a_clear_error(train_data, tmp_path):
     out = tmp_path / "damaged_alone"
-    train(tiny_cfg(data_root, out, "solver.max_epochs=1"), quiet=True)
+    train(tiny_cfg(train_data, out, "solver.max_epochs=1"), quiet=True)
     (out / "checkpoints" / "last.prev.pt").unlink(missing_ok=True)
     (out / "checkpoints" / "last.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"last\.pt' is not a checkpoint: it is an empty file"):
-        train(tiny_cfg(data_root, out, "solver.max_epochs=2"), resume=str(out), quiet=True)
+        train(tiny_cfg(train_data, out, "solver.max_epochs=2"), resume=str(out), quiet=True)
 
 
 # ------------------------------------------------------------------------------ run directories
@@ -228,11 +198,11 @@ def test_an_existing_directory_is_kept_when_the_run_fails(tmp_path):
     assert (out / "notes.txt").read_text() == "the user's"
 
 
-def test_resume_auto_starts_then_continues(reference, data_root, tmp_path):
+def test_resume_auto_starts_then_continues(reference, train_data, tmp_path):
     out = tmp_path / "requeued"
-    train(tiny_cfg(data_root, out, "solver.max_epochs=1"), resume="auto", quiet=True)
+    train(tiny_cfg(train_data, out, "solver.max_epochs=1"), resume="auto", quiet=True)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["epoch"] == 1
-    train(tiny_cfg(data_root, out, "solver.max_epochs=2"), resume="auto", quiet=True)  # the requeued job
+    train(tiny_cfg(train_data, out, "solver.max_epochs=2"), resume="auto", quiet=True)  # the requeued job
     assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["epoch"] == 2
 
 
@@ -264,9 +234,9 @@ def test_files_that_are_no_checkpoint_are_named_as_such(tmp_path, content, kind)
 # ------------------------------------------------------------------------------ short and random runs
 
 
-def test_one_epoch_trains_at_a_real_learning_rate(data_root, tmp_path):
+def test_one_epoch_trains_at_a_real_learning_rate(train_data, tmp_path):
     out = tmp_path / "one_epoch"
-    cfg = tiny_cfg(data_root, out, "solver.max_epochs=1", "solver.warmup_iters=10")
+    cfg = tiny_cfg(train_data, out, "solver.max_epochs=1", "solver.warmup_iters=10")
     train(cfg, quiet=True)
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
            if json.loads(line)["kind"] == "train"]
@@ -274,9 +244,9 @@ def test_one_epoch_trains_at_a_real_learning_rate(data_root, tmp_path):
     assert lrs and all(lr > 100 * floor for lr in lrs)
 
 
-def test_random_initialisation_is_warned_about_and_recorded(data_root, tmp_path, caplog):
+def test_random_initialisation_is_warned_about_and_recorded(train_data, tmp_path, caplog):
     out = tmp_path / "random_init"
-    train(tiny_cfg(data_root, out, "model.pretrain_choice=imagenet", "solver.max_epochs=1"), quiet=True)
+    train(tiny_cfg(train_data, out, "model.pretrain_choice=imagenet", "solver.max_epochs=1"), quiet=True)
     assert "RANDOM" in caplog.text and "model.pretrain_path" in caplog.text
     env = json.loads((out / "env.json").read_text())
     assert env["initialisation"].startswith("random") and "pretrain_path is empty" in env["initialisation"]

@@ -10,67 +10,33 @@ import pytest
 import torch
 
 from editor_reid.config import ConfigError, load_config
-from editor_reid.data.synthetic import make_synthetic
 from editor_reid.engine.checkpoint import STATE_FORMAT, WEIGHTS_FORMAT, load_checkpoint
 from editor_reid.engine.logging_utils import MetricsLogger
 from editor_reid.engine.sweep import train_seeds
 from editor_reid.engine.train import train
 from editor_reid.losses import NonFiniteLossError
 
-TINY = [
-    "model.pretrain_choice=none", "model.embed_dim=64", "model.depth=2", "model.num_heads=2", "model.drop_path=0.1",
-    "model.head_keep=1", "model.frequency_keep=2", "input.size_train=[64,32]", "input.size_test=[64,32]",
-    "dataloader.num_workers=0", "dataloader.num_instance=2", "solver.ims_per_batch=8", "solver.warmup_iters=1",
-    "solver.optimizer_name=SGD", "solver.base_lr=0.01", "solver.deterministic=true", "solver.max_steps_per_epoch=3",
-    "solver.log_period=1", "solver.checkpoint_period=1", "test.ims_per_batch=64",
-]
+from _tiny import assert_same_run, train_cfg
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY = ["solver.max_steps_per_epoch=3", "solver.checkpoint_period=1"]
 
 
 class Stop(Exception):
     """Simulates a kill."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Exact equality across runs is asserted; multi-threaded CPU kernels on a loaded machine
-    can differ in the last bits between runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def tiny_cfg(train_data, out, *extra):
+    return train_cfg(train_data, out, *TINY, *extra)
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic("rgbnt201", root, ids=12, views=2, seed=0)
-    return root
-
-
-def tiny_cfg(data_root, out, *extra):
-    return load_config(None, overrides=[*TINY, f"datasets.root_dir={data_root}", f"output_dir={out}", *extra])
-
-
-@pytest.fixture(scope="module")
-def reference(data_root, tmp_path_factory):
+def reference(train_data, tmp_path_factory):
     """An uninterrupted 2-epoch run, the baseline of every resume test."""
     out = tmp_path_factory.mktemp("runs") / "reference"
-    summary = train(tiny_cfg(data_root, out, "solver.max_epochs=2", "solver.eval_period=1"), quiet=True)
+    summary = train(tiny_cfg(train_data, out, "solver.max_epochs=2", "solver.eval_period=1"), quiet=True)
     return out, summary
-
-
-def assert_same_state(a_dir, b_dir):
-    a = load_checkpoint(a_dir / "checkpoints" / "last.pt")
-    b = load_checkpoint(b_dir / "checkpoints" / "last.pt")
-    for part in ("model", "criterion"):
-        assert a[part].keys() == b[part].keys()
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs"
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        for key in sa:
-            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key]))
-    assert a["progress"]["epoch"] == b["progress"]["epoch"]
-    assert a["progress"]["global_step"] == b["progress"]["global_step"]
 
 
 def test_run_directory_contents(reference):
@@ -103,13 +69,13 @@ def test_run_directory_contents(reference):
         assert 0.0 <= value <= 1.0
 
 
-def test_existing_run_is_not_overwritten(reference, data_root):
+def test_existing_run_is_not_overwritten(reference, train_data):
     out, _ = reference
     with pytest.raises(ConfigError, match="--resume"):
-        train(tiny_cfg(data_root, out, "solver.max_epochs=2"), quiet=True)
+        train(tiny_cfg(train_data, out, "solver.max_epochs=2"), quiet=True)
 
 
-def test_resume_after_epoch_is_exact(reference, data_root, tmp_path, caplog):
+def test_resume_after_epoch_is_exact(reference, train_data, tmp_path, caplog):
     ref_dir, ref = reference
     out = tmp_path / "interrupted"
 
@@ -118,14 +84,14 @@ def test_resume_after_epoch_is_exact(reference, data_root, tmp_path, caplog):
             raise Stop
 
     with pytest.raises(Stop):
-        train(tiny_cfg(data_root, out, "solver.max_epochs=2", "solver.eval_period=1"), on_epoch_end=kill, quiet=True)
+        train(tiny_cfg(train_data, out, "solver.max_epochs=2", "solver.eval_period=1"), on_epoch_end=kill, quiet=True)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["progress"]["epoch"] == 1
     # The command line may change the schedule-independent keys; the model comes from the run's config.
-    other = tiny_cfg(data_root, tmp_path / "elsewhere", "solver.max_epochs=2", "model.depth=3", "solver.log_period=2")
+    other = tiny_cfg(train_data, tmp_path / "elsewhere", "solver.max_epochs=2", "model.depth=3", "solver.log_period=2")
     with caplog.at_level(logging.WARNING, logger="editor_reid"):
         summary = train(other, resume=str(out), quiet=True)
     assert "model.depth" in caplog.text
-    assert_same_state(ref_dir, out)
+    assert_same_run(ref_dir, out)
     assert summary["final"]["metrics"] == ref["final"]["metrics"]
     assert load_config(out / "config.yaml").solver.log_period == 2
     # The step records of the killed run were not duplicated.
@@ -133,7 +99,7 @@ def test_resume_after_epoch_is_exact(reference, data_root, tmp_path, caplog):
     assert kinds.count("epoch") == 2
 
 
-def test_resume_after_mid_epoch_kill_is_exact(reference, data_root, tmp_path):
+def test_resume_after_mid_epoch_kill_is_exact(reference, train_data, tmp_path):
     """Killed in epoch 2 with no step checkpoint: epoch 2 is replayed from the epoch-1 state."""
     ref_dir, _ = reference
     out = tmp_path / "killed"
@@ -143,16 +109,16 @@ def test_resume_after_mid_epoch_kill_is_exact(reference, data_root, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(tiny_cfg(data_root, out, "solver.max_epochs=2", "solver.eval_period=1"), on_step=kill, quiet=True)
-    train(tiny_cfg(data_root, out, "solver.max_epochs=2"), resume=str(out), quiet=True)
-    assert_same_state(ref_dir, out)
+        train(tiny_cfg(train_data, out, "solver.max_epochs=2", "solver.eval_period=1"), on_step=kill, quiet=True)
+    train(tiny_cfg(train_data, out, "solver.max_epochs=2"), resume=str(out), quiet=True)
+    assert_same_run(ref_dir, out)
 
 
-def test_resume_from_step_checkpoint_is_exact(reference, data_root, tmp_path):
+def test_resume_from_step_checkpoint_is_exact(reference, train_data, tmp_path):
     """With step checkpoints the resumed run continues after the saved step."""
     ref_dir, _ = reference
     out = tmp_path / "stepwise"
-    cfg = tiny_cfg(data_root, out, "solver.max_epochs=2", "solver.eval_period=1")
+    cfg = tiny_cfg(train_data, out, "solver.max_epochs=2", "solver.eval_period=1")
     cfg.solver.checkpoint_steps = 1
 
     def kill(epoch, step):
@@ -163,11 +129,11 @@ def test_resume_from_step_checkpoint_is_exact(reference, data_root, tmp_path):
         train(cfg, on_step=kill, quiet=True)
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert (state["progress"]["epoch"], state["progress"]["step"]) == (1, 2)
-    train(tiny_cfg(data_root, out, "solver.max_epochs=2"), resume=str(out), quiet=True)
-    assert_same_state(ref_dir, out)
+    train(tiny_cfg(train_data, out, "solver.max_epochs=2"), resume=str(out), quiet=True)
+    assert_same_run(ref_dir, out)
 
 
-def test_nonfinite_loss_stops_with_term_epoch_and_step(data_root, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_with_term_epoch_and_step(train_data, tmp_path, monkeypatch):
     import editor_reid.losses as losses
 
     real_bcc = losses.bcc_loss
@@ -181,7 +147,7 @@ def test_nonfinite_loss_stops_with_term_epoch_and_step(data_root, tmp_path, monk
     monkeypatch.setattr(losses, "bcc_loss", flaky_bcc)
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError) as info:
-        train(tiny_cfg(data_root, out, "solver.max_epochs=3", "solver.eval_period=0"), quiet=True)
+        train(tiny_cfg(train_data, out, "solver.max_epochs=3", "solver.eval_period=0"), quiet=True)
     err = info.value
     assert "bcc" in err.terms and (err.epoch, err.step) == (2, 2)
     assert "'bcc'" in str(err) and "epoch 2" in str(err) and "step 2" in str(err)
@@ -190,8 +156,8 @@ def test_nonfinite_loss_stops_with_term_epoch_and_step(data_root, tmp_path, monk
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_train_seeds_reports_mean_and_std(data_root, tmp_path, capsys):
-    cfg = tiny_cfg(data_root, tmp_path / "sweep", "solver.max_epochs=1", "solver.max_steps_per_epoch=1",
+def test_train_seeds_reports_mean_and_std(train_data, tmp_path, capsys):
+    cfg = tiny_cfg(train_data, tmp_path / "sweep", "solver.max_epochs=1", "solver.max_steps_per_epoch=1",
                    "solver.checkpoint_period=0")
     result = train_seeds(cfg, [1, 2])
     assert (tmp_path / "sweep" / "seed_1" / "checkpoints" / "last.pt").is_file()
