@@ -252,3 +252,24 @@ def test_random_initialisation_is_warned_about_and_recorded(train_data, tmp_path
     assert env["initialisation"].startswith("random") and "pretrain_path is empty" in env["initialisation"]
     assert (out / "config.yaml").read_text().startswith("# initialisation: random")
     assert load_config(out / "config.yaml").model.pretrain_choice == "imagenet"
+
+
+def test_a_signal_during_a_seed_sweep_says_how_to_continue_it(train_data, tmp_path):
+    from editor_reid.engine.sweep import train_seeds
+    from editor_reid.errors import TrainingInterrupted
+
+    sent = []
+
+    def sigterm_once(epoch, step):
+        if not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the Trainer: the run stops after its next step
+
+    cfg = tiny_cfg(train_data, tmp_path / "sweep", "solver.max_epochs=1")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="run the same train --seeds command again") as info:
+        train_seeds(cfg, [1, 2], on_step=sigterm_once)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the Trainer's handler is gone again
+    result = train_seeds(cfg, [1, 2])
+    assert result["final"] is not None and set(result["runs"]) == {"1", "2"}

@@ -19,6 +19,7 @@ from editor_reid.engine.inference import METRIC_KEYS
 from editor_reid.engine.rundir import last_state_path
 from editor_reid.engine.tables import format_metrics_table
 from editor_reid.engine.train import train
+from editor_reid.errors import TrainingInterrupted
 
 __all__ = ["train_seeds", "aggregate", "format_seeds"]
 
@@ -47,7 +48,11 @@ def train_seeds(cfg: Config, seeds: list[int], **options) -> dict:
             run_cfg.output_dir = str(root / f"seed_{seed}")
             resume = run_cfg.output_dir if last_state_path(run_cfg.output_dir).exists() else None
             log.info("seed %d: %s%s", seed, run_cfg.output_dir, " (resuming)" if resume else "")
-            runs[seed] = train(run_cfg, resume=resume, quiet=True, **options)
+            try:
+                runs[seed] = train(run_cfg, resume=resume, quiet=True, **options)
+            except TrainingInterrupted as stop:
+                raise TrainingInterrupted(f"{stop}. For the whole sweep, run the same train --seeds command again: "
+                                          "finished seeds are skipped, this one resumes", stop.signum) from None
     finally:
         du.shutdown_distributed(ctx)
     result = {"seeds": seeds, "runs": {str(s): r for s, r in runs.items()},
