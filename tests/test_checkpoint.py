@@ -14,11 +14,10 @@ from editor_reid.data.sampler import RandomIdentitySampler
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine.checkpoint import (
     CheckpointError,
-    capture_rng_state,
     load_checkpoint,
-    restore_rng_state,
     save_checkpoint,
 )
+from editor_reid.engine.rng import capture_rng_state, restore_rng_state
 from editor_reid.engine.solver import build_optimizer, build_scheduler, make_grad_scaler
 
 

@@ -20,15 +20,14 @@ import contextlib
 import logging
 import os
 import pickle
-import random
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
+from editor_reid.engine.rng import capture_rng_state
 from editor_reid.errors import EditorReidError
 
 __all__ = [
@@ -46,8 +45,6 @@ __all__ = [
     "is_editor_reid_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
-    "capture_rng_state",
-    "restore_rng_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -225,61 +222,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint '{path}': expected a dict at the top level, got {type(state).__name__}")
     return state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The state of Python's, NumPy's and torch's (CPU and CUDA) global generators.
-
-    Stored as tensors and numbers only, so it survives a weights_only round trip.
-    """
-    py_version, py_internal, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
-    state: dict[str, Any] = {
-        "python": {
-            "version": int(py_version),
-            "internal": torch.tensor(py_internal, dtype=torch.int64),
-            "gauss_next": py_gauss,
-        },
-        "numpy": {
-            "bit_generator": str(np_name),
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_gauss),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore generators saved by :func:`capture_rng_state`."""
-    missing = {"python", "numpy", "torch"} - set(state)
-    if missing:
-        raise KeyError(f"restore_rng_state: RNG state lacks {sorted(missing)}")
-    py = state["python"]
-    random.setstate((int(py["version"]), tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
-    npy = state["numpy"]
-    np.random.set_state((
-        npy["bit_generator"],
-        npy["keys"].numpy().astype(np.uint32),
-        int(npy["pos"]),
-        int(npy["has_gauss"]),
-        float(npy["cached_gaussian"]),
-    ))
-    torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
-    cuda_states = state.get("cuda")
-    if cuda_states:
-        if not torch.cuda.is_available():
-            log.warning("checkpoint has CUDA RNG state but CUDA is not available; not restored")
-        else:
-            count = min(len(cuda_states), torch.cuda.device_count())
-            if count != len(cuda_states):
-                log.warning("checkpoint has CUDA RNG state for %d devices, %d visible; restoring %d",
-                            len(cuda_states), torch.cuda.device_count(), count)
-            for index in range(count):
-                torch.cuda.set_rng_state(cuda_states[index].cpu().to(torch.uint8), index)
 
 
 # ------------------------------------------------------------------------------------ schema

@@ -44,6 +44,7 @@ from editor_reid.engine.logging_utils import (
     write_environment,
 )
 from editor_reid.engine.progress import Progress
+from editor_reid.engine.rng import restore_rng_state
 from editor_reid.engine.rundir import initialisation, open_run_dir
 from editor_reid.engine.solver import autocast_context, build_optimizer, build_scheduler, make_grad_scaler
 from editor_reid.engine.tables import format_summary
@@ -244,7 +245,7 @@ class Trainer:
         for _ in range(skip):  # replay the loader so sampler and worker RNG streams line up
             next(batches)
         if rng_state is not None:
-            ckpt.restore_rng_state(rng_state)
+            restore_rng_state(rng_state)
         started = time.perf_counter() - p.epoch_time
         bar = progress_bar(steps, skip, f"epoch {epoch}/{s.max_epochs}", self.ctx.is_main)
         try:
