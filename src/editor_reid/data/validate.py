@@ -231,7 +231,6 @@ def _format_images(report: DataReport) -> str:
     return "\n".join(lines)
 
 
-
 class PreflightError(LayoutError):
     """Files a run would read are missing, empty or not regular files; ``problems`` lists them all."""
 
