@@ -106,7 +106,14 @@ def read_image(path: str) -> Image.Image:
 
 
 def read_sample_images(sample: Sample, modalities: Sequence[str] = MODALITIES) -> dict[str, Image.Image]:
-    """The sample's images for ``modalities``; RGBNT100 strips are read once and cut by column."""
+    """The sample's images for those of ``modalities`` it has (a manifest row may lack some);
+    RGBNT100 strips are read once and cut by column."""
+    wanted = modalities
+    modalities = [m for m in modalities if m in sample.paths]
+    if not modalities:
+        have = ", ".join(sample.paths) or "no modality"
+        raise BadImageError(next(iter(sample.paths.values()), "(no file)"),
+                            f"belongs to a sample with {have}, none of the modalities read ({', '.join(wanted)})")
     if sample.crop is None:
         return {m: read_image(sample.paths[m]) for m in modalities}
     strip_path = sample.paths[modalities[0]]

@@ -71,7 +71,8 @@ class LayoutError(EditorReidError, ValueError):
 class Sample:
     """One multi-modal observation of an identity.
 
-    ``paths`` maps each modality ("RGB", "NI", "TI") to its image file. For RGBNT100 all three
+    ``paths`` maps each modality ("RGB", "NI", "TI") the sample has to its image file (every
+    benchmark sample has all three; a manifest row may leave some out). For RGBNT100 all three
     point at the same strip and ``crop`` is the width of one modality's column block: modality
     ``i`` (in ``MODALITIES`` order) is columns ``[i*crop, (i+1)*crop)``. ``sceneid`` is only
     known for MSVR310 (-1 elsewhere).

@@ -32,7 +32,7 @@ from editor_reid.data.layouts import DatasetSplits, Sample
 from editor_reid.data.sampler import DistributedRandomIdentitySampler, RandomIdentitySampler
 from editor_reid.data.transforms import build_transforms
 from editor_reid.errors import EditorReidError
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, absent_like
 
 __all__ = [
     "collate",
@@ -52,8 +52,20 @@ _WORKER_STREAM = 1_000_003
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack each modality present to [B, 3, H, W]; pid/camid/sceneid/index become LongTensors [B]."""
-    out = {m: torch.stack([item[m] for item in batch]) for m in MODALITIES if m in batch[0]}
+    """Stack each modality that some sample carries to [B, 3, H, W]; pid/camid/sceneid/index
+    become LongTensors [B].
+
+    A sample without a modality that others in the batch carry (a manifest row with an empty
+    cell) gets :func:`~editor_reid.modalities.absent_like` there, the same input the model
+    gives a modality missing from the whole batch.
+    """
+    out = {}
+    for m in MODALITIES:
+        carried = [item[m] for item in batch if m in item]
+        if len(carried) == len(batch):
+            out[m] = torch.stack(carried)
+        elif carried:
+            out[m] = torch.stack([item[m] if m in item else absent_like(carried[0]) for item in batch])
     for key in ("pid", "camid", "sceneid", "index"):
         out[key] = torch.tensor([item[key] for item in batch], dtype=torch.long)
     return out

@@ -31,7 +31,7 @@ from editor_reid.model.backbone import ViTBackbone, build_backbone
 from editor_reid.model.hma import HMA
 from editor_reid.model.pretrained import load_pretrained
 from editor_reid.model.sfts import SFTS
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, absent_like
 
 __all__ = [
     "EDITOR",
@@ -137,7 +137,7 @@ class EDITOR(nn.Module):
         for m in MODALITIES:
             if m in images and images[m].shape != reference.shape:
                 raise ValueError(f"modality '{m}' has shape {tuple(images[m].shape)}, expected {tuple(reference.shape)}")
-        return [images[m] if m in images else torch.zeros_like(reference) for m in MODALITIES]
+        return [images[m] if m in images else absent_like(reference) for m in MODALITIES]
 
     def _run(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None, *, all_tokens: bool):
         """Backbone -> SFTS -> HMA. ``all_tokens=False``: only the CLS and selected tokens of the
