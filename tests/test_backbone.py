@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editor_reid.model.backbone import ViTBackbone, rollout_cls_row
+from editor_reid.model.backbone import UNKNOWN_CAMERA, ViTBackbone, rollout_cls_row
 from editor_reid.model.pretrained import PretrainedLoadError, filter_pretrained, load_pretrained
 
 TINY = dict(embed_dim=64, depth=3, num_heads=4)
@@ -117,6 +117,23 @@ def test_sie_camera_embedding():
         bb(x, None)
     assert tiny_backbone(num_cameras=1).sie_embed is None
     assert tiny_backbone(num_cameras=6, sie_camera=False).sie_embed is None
+
+
+def test_unknown_camera_takes_the_mean_sie_embedding():
+    bb = tiny_backbone((64, 32), num_cameras=4, sie_coe=3.0).eval()
+    x = torch.randn(3, 3, 64, 32)
+    cams = torch.tensor([UNKNOWN_CAMERA, 2, UNKNOWN_CAMERA])
+    mean = bb.sie_embed.mean(dim=0)  # [1, D]
+    sie = torch.stack([mean, bb.sie_embed[2], mean])  # [B, 1, D]
+    expected = bb.vit.norm_pre(torch.cat([bb.vit.cls_token.expand(3, -1, -1), bb.vit.patch_embed(x)], dim=1)
+                               + bb.vit.pos_embed + 3.0 * sie)
+    torch.testing.assert_close(bb.embed(x, cams), expected, atol=1e-6, rtol=1e-5)
+    # A known camera in the same batch is untouched (bit for bit).
+    assert torch.equal(bb.embed(x, cams)[1], bb.embed(x[1:2], torch.tensor([2]))[0])
+    bb(x, cams)  # -1 passes the range check; below it, or past the table, does not
+    for bad in (-2, 4):
+        with pytest.raises(ValueError, match="camera id out of range"):
+            bb(x[:1], torch.tensor([bad]))
 
 
 def test_architecture_details():

@@ -101,9 +101,12 @@ def test_bench_extract_reports_rates_per_worker_count(tmp_path):
     assert list(report["results"]) == ["0"]
     row = report["results"]["0"]
     assert row["triplets"] == 8
-    for key in ("first_pass_s", "extract_s", "loader_triplets_per_s", "model_triplets_per_s", "extract_triplets_per_s"):
+    for key in ("first_pass_s", "extract_s", "loader_triplets_per_s", "model_triplets_per_s", "extract_triplets_per_s",
+                "run_extract_triplets_per_s", "run_extract_s", "setup_s"):
         assert _positive(row[key]), key
-    assert "extract trip/s" in result.stdout
+    assert _plausible_ratio(row["run_extract_ratio_to_model"])
+    assert _plausible_ratio(report["feature_extractor_paths"]["ratio_to_model"])
+    assert "extract trip/s" in result.stdout and "run_ext trip/s" in result.stdout
 
 
 def test_bench_metrics_agrees_with_the_reference_evaluator():

@@ -20,10 +20,10 @@ import editor_reid
 from editor_reid import cli
 from editor_reid.cli import build_parser, main, parse_args
 from editor_reid.config import dump_config, load_config
-from editor_reid.data.layouts import DATASET_NAMES, LayoutError
+from editor_reid.data.layouts import LAYOUT_NAMES, LayoutError
 from editor_reid.errors import EditorReidError, TrainingInterrupted, UsageError
 
-SUBCOMMANDS = ("demo", "train", "test", "info", "make-synthetic", "check-data")
+SUBCOMMANDS = ("demo", "train", "test", "info", "make-synthetic", "check-data", "make-manifest", "extract")
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -72,6 +72,8 @@ def test_subcommand_help_exits_zero(command, capsys):
         ["make-synthetic", "--dataset", "rgbnt201"],  # no --out
         ["check-data", "--dataset", "rgbnt201"],  # no --root
         ["check-data", "--root", "x"],  # no --dataset
+        ["extract", "--weights", "w.pt", "--images", "x"],  # no --out
+        ["extract", "--images", "x", "--out", "f.npz"],  # no --weights
     ],
 )
 def test_missing_required_arguments_exit_two(argv, capsys):
@@ -86,6 +88,9 @@ def test_missing_required_arguments_exit_two(argv, capsys):
         ["check-data", "--dataset", "RGBNT201", "--root", "x"],
         ["test", "--config", "rgbnt201", "--weights", "w.pt", "--missing", "some"],
         ["make-synthetic", "--dataset", "rgbnt201", "--out", "x", "--ids", "four"],
+        ["extract", "--weights", "w.pt", "--dataset", "manifest", "--root", "x", "--out", "f.npz"],
+        ["extract", "--weights", "w.pt", "--images", "x", "--out", "f.npz", "--chunk-size", "0"],
+        ["extract", "--weights", "w.pt", "--images", "x", "--out", "f.npz", "--amp", "fp8"],
     ],
 )
 def test_invalid_choices_and_types_exit_two(argv, capsys):
@@ -95,7 +100,7 @@ def test_invalid_choices_and_types_exit_two(argv, capsys):
 
 def test_every_dataset_name_is_accepted_where_a_layout_is_named():
     parser = build_parser()
-    for name in DATASET_NAMES:
+    for name in LAYOUT_NAMES:
         assert parser.parse_args(["make-synthetic", "--dataset", name, "--out", "x"]).dataset == name
         # --layout, the option's old name, still works (hidden from --help).
         assert parser.parse_args(["make-synthetic", "--layout", name, "--out", "x"]).dataset == name

@@ -80,8 +80,16 @@ NOTES: dict[str, str] = {
     "input.pixel_mean": "Per-channel mean used to normalise every modality.",
     "input.pixel_std": "Per-channel standard deviation used to normalise every modality.",
     "input.aug_mode": "See [Transforms](datasets.md#transforms).",
-    "datasets.names": "Which layout to read under `datasets.root_dir`; see [Datasets](datasets.md).",
+    "datasets.names": (
+        "Which layout to read under `datasets.root_dir`, or `manifest`: the samples listed in the CSV file "
+        "`datasets.manifest`; see [Datasets](datasets.md)."
+    ),
     "datasets.root_dir": "The directory that contains the dataset folder (e.g. `RGBNT201/`).",
+    "datasets.manifest": "See [Your own data: the manifest](datasets.md#your-own-data-the-manifest).",
+    "datasets.protocol": (
+        "The evaluation protocol ([Testing](testing.md#protocols)); the manifest's own is its `protocol` "
+        "column, else `same_camera`."
+    ),
     "datasets.skip_bad_images": (
         "Replace an undecodable image by the next readable image of the same identity, with a "
         "warning, instead of stopping. See [Bad images](datasets.md#bad-images)."
@@ -230,7 +238,7 @@ def _allowed(config_module) -> dict[str, str]:  # noqa: ANN001 (a module)
     """Key -> its "choices / range" cell: the names it takes, or its range and the rules tying it to other keys."""
     cells: dict[str, list[str]] = {}
     for key, names in getattr(config_module, "_CHOICES", {}).items():
-        cells.setdefault(key, []).append(", ".join(f"`{c}`" for c in names))
+        cells.setdefault(key, []).append(", ".join(f"`{c}`" if c else '`""`' for c in names))
     for key, bound in getattr(config_module, "_RULES", {}).items():
         cells.setdefault(key, []).append(bound.text())
     for rule in getattr(config_module, "_RELATIONS", ()):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import editor_reid
 from editor_reid.config import MAX_SEED, ConfigError, load_config
-from editor_reid.data.layouts import DATASET_NAMES
+from editor_reid.data.layouts import LAYOUT_NAMES, SPLIT_NAMES
 from editor_reid.errors import EditorReidError
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -93,6 +93,16 @@ def _seed_list(text: str) -> str:
     return text
 
 
+def _split_list(text: str) -> tuple[str, ...]:
+    """``--splits train,query`` -> ("train", "query"); each must be a split name."""
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    unknown = [item for item in items if item not in SPLIT_NAMES]
+    if unknown or not items:
+        raise argparse.ArgumentTypeError(
+            f"invalid value {text!r}: expected comma-separated splits among {','.join(SPLIT_NAMES)}")
+    return items
+
+
 # ----------------------------------------------------------------------------- subcommands
 
 
@@ -115,18 +125,43 @@ def _cmd_make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_check_data(args: argparse.Namespace) -> int:
-    from editor_reid.data.validate import check_data
+def _cmd_make_manifest(args: argparse.Namespace) -> int:
+    from editor_reid.data.layouts import format_statistics
+    from editor_reid.data.manifest import make_manifest
 
-    report = check_data(args.dataset, Path(args.root))
+    written = make_manifest(args.dataset, Path(args.root), Path(args.out), splits=args.splits,
+                            overwrite=args.overwrite)
+    print(format_statistics(written))
+    rows = len(written.train) + len(written.query) + len(written.gallery)
+    print(f"make-manifest: wrote {args.out}: {rows} rows, the {','.join(args.splits)} split(s) of {args.dataset} "
+          f"at {args.root}")
+    return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    prog = "editor-reid check-data"
+    if args.manifest is not None:
+        if args.root is not None:
+            _usage_error(prog, "--root goes with --dataset; the paths of a --manifest are relative to its own "
+                               "folder")
+        from editor_reid.data.manifest import check_manifest
+
+        report, checked = check_manifest(Path(args.manifest)), args.manifest
+    else:
+        if args.root is None:
+            _usage_error(prog, "the following arguments are required with --dataset: --root")
+        from editor_reid.data.validate import check_data
+
+        report, checked = check_data(args.dataset, Path(args.root)), args.root
     for problem in report.problems:
         print(f"PROBLEM: {problem}")
     if report.statistics:
         print(report.statistics)
     if report.ok:
-        print(f"check-data: {args.dataset} at {args.root}: no problems found")
+        what = f"manifest {checked}" if args.manifest is not None else f"{args.dataset} at {checked}"
+        print(f"check-data: {what}: no problems found")
         return 0
-    print(f"check-data: {len(report.problems)} problem(s) found in {args.root}")
+    print(f"check-data: {len(report.problems)} problem(s) found in {checked}")
     return 1
 
 
@@ -162,10 +197,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
+    prog = "editor-reid test"
+    pair = args.query_modalities if args.query_modalities is not None else args.gallery_modalities
+    row_options = [name for name, value in (("--missing", args.missing), ("--cross", args.cross),
+                                            ("--query-modalities/--gallery-modalities", pair)) if value is not None]
+    if args.features is not None:
+        if row_options:
+            _usage_error(prog, f"{row_options[0]} needs --weights: --features evaluates the file's features "
+                               "as they are")
+        from editor_reid.engine.evaluate import evaluate_feature_file
+
+        evaluate_feature_file(_load(args), args.features, rerank=args.rerank, json_out=args.json)
+        return 0
+    if args.config is None:
+        _usage_error(prog, "the following arguments are required with --weights: --config (only --features may go "
+                           "without it)")
+    if len(row_options) > 1:
+        _usage_error(prog, f"{row_options[0]} and {row_options[1]} cannot be combined: each chooses the rows "
+                           "to evaluate")
     cfg = _load(args)
     from editor_reid.engine.evaluate import run_test
 
-    run_test(cfg, args.weights, rerank=args.rerank, missing=args.missing, json_out=args.json)
+    run_test(cfg, args.weights, rerank=args.rerank, missing=args.missing, cross=args.cross,
+             query_modalities=args.query_modalities, gallery_modalities=args.gallery_modalities, json_out=args.json)
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from editor_reid.features.extract import run_extract
+
+    run_extract(args.weights, args.out, config=args.config, dataset=args.dataset, root=args.root,
+                manifest=args.manifest, images=args.images, splits=args.splits, batch_size=args.batch_size,
+                chunk_size=args.chunk_size, num_workers=args.workers, normalize=not args.no_normalize,
+                device=args.device, amp=args.amp)
     return 0
 
 
@@ -244,11 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(p)
     p.set_defaults(func=_cmd_train)
 
-    p = command("test", "evaluate a checkpoint (ours or official)")
-    _add_config_args(p)
-    p.add_argument("--weights", required=True, help="checkpoint file (.pt from editor-reid or official .pth)")
+    p = command("test", "evaluate a checkpoint (ours or official), or a feature file")
+    _add_config_args(p, required=False)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", help="checkpoint file (.pt from editor-reid or official .pth); needs --config")
+    source.add_argument("--features", metavar="FEATS.npz",
+                        help="evaluate a feature file without the model: its query rows against its gallery rows "
+                             "(--config optional: its test.* settings)")
     p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking")
     p.add_argument("--missing", choices=["all"], default=None, help="evaluate all 7 non-empty modality subsets")
+    p.add_argument("--cross", choices=["all"], default=None,
+                   help="evaluate the 12 standard cross-modality pairs (RGB->NI, ..., RGB+NI->RGB+TI, ...), their "
+                        "average and all modalities")
+    p.add_argument("--query-modalities", metavar="M[,M]", default=None,
+                   help="feed the queries only these modalities, e.g. RGB or RGB,TI; the others are zero images "
+                        "(default: all)")
+    p.add_argument("--gallery-modalities", metavar="M[,M]", default=None,
+                   help="feed the gallery only these modalities, e.g. NI,TI (default: all)")
     p.add_argument("--json", default=None, help="write the metrics as JSON")
     _add_root(p)
     p.set_defaults(func=_cmd_test)
@@ -260,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("make-synthetic", "write a synthetic dataset in a real layout")
     name = p.add_mutually_exclusive_group(required=True)
-    name.add_argument("--dataset", choices=DATASET_NAMES, help="dataset layout to write")
-    name.add_argument("--layout", dest="dataset", choices=DATASET_NAMES, help=argparse.SUPPRESS)  # the old name
+    name.add_argument("--dataset", choices=LAYOUT_NAMES, help="dataset layout to write")
+    name.add_argument("--layout", dest="dataset", choices=LAYOUT_NAMES, help=argparse.SUPPRESS)  # the old name
     p.add_argument("--out", required=True, help="root directory (the dataset folder is created inside)")
     p.add_argument("--ids", type=_integer(2), default=100, help="number of identities (half train, half test)")
     # The default lives in data.synthetic (DEFAULT_VIEWS); importing it here would pull NumPy and PIL into --help.
@@ -269,10 +345,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="the same seed writes the same files")
     p.set_defaults(func=_cmd_make_synthetic)
 
-    p = command("check-data", "validate a dataset tree and print its statistics")
-    p.add_argument("--dataset", required=True, choices=DATASET_NAMES, help="dataset layout to check")
-    p.add_argument("--root", required=True, metavar="DIR", help="directory that contains the dataset folder")
+    p = command("check-data", "validate a dataset tree or a manifest and print its statistics")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=LAYOUT_NAMES, help="dataset layout to check (with --root)")
+    source.add_argument("--manifest", metavar="M.csv", help="manifest to check: its rows and every file it names")
+    p.add_argument("--root", default=None, metavar="DIR", help="directory that contains the dataset folder")
     p.set_defaults(func=_cmd_check_data)
+
+    p = command("make-manifest", "write the CSV manifest of a dataset layout, to edit or subset and train on")
+    p.add_argument("--dataset", required=True, choices=LAYOUT_NAMES, help="dataset layout to list")
+    p.add_argument("--root", required=True, metavar="DIR", help="directory that contains the dataset folder")
+    p.add_argument("--out", required=True, metavar="M.csv",
+                   help="manifest file to write (paths relative to its folder)")
+    p.add_argument("--splits", type=_split_list, default=",".join(SPLIT_NAMES), metavar="S[,S]",
+                   help="comma-separated splits to list")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_cmd_make_manifest)
+
+    p = command("extract", "write the features of dataset splits, a manifest or a folder of images to a .npz file")
+    p.add_argument("--weights", required=True, help="checkpoint file (.pt from editor-reid or official .pth)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=LAYOUT_NAMES, help="a dataset layout, read from --root")
+    source.add_argument("--manifest", metavar="M.csv", help="a CSV manifest of samples")
+    source.add_argument("--images", metavar="DIR",
+                        help="a folder of images: RGB/, NI/, TI/ sub-folders paired by relative path, else every "
+                             "image an RGB-only sample; cameras unknown")
+    p.add_argument("--root", default=None, metavar="DIR", help="directory that contains the dataset folder (--dataset)")
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name; needed for an official .pth (default: the checkpoint's own)")
+    p.add_argument("--splits", type=_split_list, default="query,gallery", metavar="S[,S]",
+                   help="comma-separated splits of --dataset or --manifest, written in this order")
+    p.add_argument("--batch-size", type=_integer(1), default=None, help="default: the config's test.ims_per_batch")
+    p.add_argument("--chunk-size", type=_integer(1), default=4096,
+                   help="samples per saved chunk: a rerun after an interruption continues from the finished chunks")
+    p.add_argument("--workers", type=_integer(0), default=None, help="DataLoader workers (default: the config's)")
+    p.add_argument("--no-normalize", action="store_true", help="write the features without L2 normalisation")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast (fp16: CUDA only)")
+    p.add_argument("--out", required=True, metavar="FEATS.npz", help="the feature file to write")
+    p.set_defaults(func=_cmd_extract)
     return parser
 
 

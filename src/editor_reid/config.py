@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
-from editor_reid.data.layouts import DATASET_NAMES
+from editor_reid.data.layouts import DATASET_NAMES, MANIFEST, PROTOCOLS
 from editor_reid.errors import UsageError
 from editor_reid.modalities import MODALITIES
 
@@ -115,8 +115,11 @@ class InputConfig:
 
 @dataclass
 class DatasetsConfig:
-    names: str = "rgbnt201"  # "rgbnt201" | "rgbnt100" | "msvr310" | "market1501mm"
+    names: str = "rgbnt201"  # "rgbnt201" | "rgbnt100" | "msvr310" | "market1501mm" | "manifest"
     root_dir: str = "./data"
+    # The CSV file that lists the samples when names is "manifest" (relative to the current directory).
+    manifest: str = ""
+    protocol: str = ""  # empty = the dataset's own protocol; "same_camera" or "same_scene" replaces it
     skip_bad_images: bool = False
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
 
@@ -184,6 +187,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.ocfr_scope": ("global", "local"),
     "input.aug_mode": ("independent", "synchronized"),
     "datasets.names": DATASET_NAMES,
+    "datasets.protocol": ("", *PROTOCOLS),
     "solver.optimizer_name": ("SGD", "AdamW"),
     "solver.amp": AMP_CHOICES,
     "test.distance": ("euclidean", "cosine"),
@@ -492,6 +496,11 @@ def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
         node = child
 
 
+def _listed(choices: tuple[str, ...]) -> str:
+    """"none, fp16, bf16"; the empty choice shown as ''."""
+    return ", ".join(choice or "''" for choice in choices)
+
+
 def _canonical_choice(key: str, value: Any, where: str) -> Any:
     """``value`` spelled as in ``_CHOICES`` (the case does not matter: ``adamw`` -> ``AdamW``)."""
     choices = _CHOICES.get(key)
@@ -500,7 +509,7 @@ def _canonical_choice(key: str, value: Any, where: str) -> Any:
     lowered = {c.lower(): c for c in choices}
     if value.lower() in lowered:
         return lowered[value.lower()]
-    raise ConfigError(f"{where}config key '{key}': {_show(value)} is not one of {', '.join(choices)}")
+    raise ConfigError(f"{where}config key '{key}': {_show(value)} is not one of {_listed(choices)}")
 
 
 def _all_keys(node: Any, prefix: str = ""):
@@ -559,7 +568,7 @@ def validate_config(cfg: Config) -> None:
         value = _check_value(key, getattr(owner, name), _hints(owner)[name])
         setattr(owner, name, value)
         if _CHOICES.get(key) and value not in _CHOICES[key]:
-            raise ConfigError(f"config key '{key}': {_show(value)} is not one of {', '.join(_CHOICES[key])}")
+            raise ConfigError(f"config key '{key}': {_show(value)} is not one of {_listed(_CHOICES[key])}")
         if key in _RULES:
             _check_bound(key, value, _RULES[key])
     for rule in _RELATIONS:
@@ -574,6 +583,14 @@ def validate_config(cfg: Config) -> None:
             f"config key 'datasets.modalities': expected a non-empty subset of {list(MODALITIES)}, "
             f"got {_show(cfg.datasets.modalities)}"
         )
+    datasets = cfg.datasets
+    if datasets.names == MANIFEST and not datasets.manifest.strip():
+        raise ConfigError(f"config key 'datasets.manifest': datasets.names is '{MANIFEST}', so it must name the CSV "
+                          f"file that lists the samples, e.g. datasets.manifest=data/mine.csv")
+    if datasets.names != MANIFEST and datasets.manifest.strip():
+        raise ConfigError(f"config key 'datasets.manifest' ({_show(datasets.manifest)}) is set, but datasets.names is "
+                          f"'{datasets.names}', which reads datasets.root_dir; set datasets.names={MANIFEST} to read "
+                          f"the manifest, or datasets.manifest='' to read the layout")
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:

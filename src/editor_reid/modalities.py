@@ -1,4 +1,5 @@
-"""The modalities of a multi-modal sample and the subsets the missing-modality evaluation uses.
+"""The modalities of a multi-modal sample, the subsets the missing-modality evaluation uses and
+the query/gallery pairs of the cross-modality evaluation.
 
 This module is the one place that names them, and that says what an absent modality looks like
 (:func:`absent_like`); everything else imports from here.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 
-__all__ = ["MODALITIES", "absent_like", "modality_subsets", "subset_name"]
+__all__ = ["MODALITIES", "absent_like", "cross_modality_pairs", "modality_subsets", "pair_name", "subset_name"]
 
 #: RGB, near infrared, thermal infrared, in the order the model stacks them.
 MODALITIES = ("RGB", "NI", "TI")
@@ -26,6 +27,23 @@ def modality_subsets(modalities: Sequence[str] = MODALITIES) -> list[tuple[str, 
 def subset_name(subset: Sequence[str]) -> str:
     """``("RGB", "TI")`` -> ``"RGB+TI"``."""
     return "+".join(subset)
+
+
+def cross_modality_pairs(modalities: Sequence[str] = MODALITIES) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The standard (query subset, gallery subset) pairs of the cross-modality evaluation: every
+    ordered pair of distinct single modalities, then of distinct two-modality sets (6 + 6 for
+    three modalities: RGB->NI, RGB->TI, NI->RGB, ..., RGB+NI->RGB+TI, ...)."""
+    out: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+    for r in (1, 2):
+        subsets = list(combinations(modalities, r))
+        out.extend((query, gallery) for query in subsets for gallery in subsets if query != gallery)
+    return out
+
+
+def pair_name(query: Sequence[str], gallery: Sequence[str]) -> str:
+    """``("RGB",), ("NI", "TI")`` -> ``"RGB->NI+TI"``: an ASCII arrow, so the name is the same in
+    the printed table, the JSON and a shell command (``jq '."RGB->NI"'``) on any console."""
+    return f"{subset_name(query)}->{subset_name(gallery)}"
 
 
 def absent_like(image):

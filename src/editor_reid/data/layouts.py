@@ -26,6 +26,7 @@ would assert), and only ``*.jpg`` files are read in every layout.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,10 @@ __all__ = [
     "LayoutError",
     "Layout",
     "LAYOUTS",
+    "LAYOUT_NAMES",
     "DATASET_NAMES",
+    "MANIFEST",
+    "PROTOCOLS",
     "SPLIT_NAMES",
     "KNOWN_TRAIN_STATS",
     "STRIP_WIDTH",
@@ -49,6 +53,7 @@ __all__ = [
     "scan_split",
     "expected_paths",
     "build_splits",
+    "assemble_splits",
     "get_layout",
     "dataset_dir",
     "split_dirs",
@@ -88,6 +93,10 @@ class Sample:
 #: The parts of a benchmark, in the order ``load_dataset`` reads them.
 SPLIT_NAMES = ("train", "query", "gallery")
 
+#: The evaluation protocols: which gallery items a query may not match (same pid and camera, or
+#: same pid and scene).
+PROTOCOLS = ("same_camera", "same_scene")
+
 
 @dataclass
 class DatasetSplits:
@@ -103,7 +112,8 @@ class DatasetSplits:
     num_train_pids: int
     num_cameras: int  # max camid + 1 over the loaded splits (sizes the SIE camera embedding)
     protocol: str  # "same_camera" | "same_scene": which gallery items a query may not match
-    root: str = ""  # the directory that contains the dataset folder, for messages
+    root: str = ""  # the directory that contains the dataset folder (a manifest's folder), for messages
+    manifest: str = ""  # the manifest file the splits were read from; "" for a layout
 
 
 # A parsed name: (pid, camid, sceneid), or None for a junk image the official code skips.
@@ -249,11 +259,22 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 
-#: The dataset names accepted wherever a layout is named (``datasets.names``, ``--layout``, ``--dataset``).
-DATASET_NAMES = tuple(LAYOUTS)
+#: The layouts on disk, accepted wherever a layout is named (``--dataset`` of make-synthetic,
+#: check-data and make-manifest).
+LAYOUT_NAMES = tuple(LAYOUTS)
+
+#: ``datasets.names`` for data listed in a CSV manifest (``datasets.manifest``; see
+#: :mod:`editor_reid.data.manifest`) rather than stored in a layout.
+MANIFEST = "manifest"
+
+#: The values of ``datasets.names``: a layout, or the manifest.
+DATASET_NAMES = (*LAYOUT_NAMES, MANIFEST)
 
 
 def get_layout(name: str) -> Layout:
+    if name == MANIFEST:
+        raise LayoutError(f"'{MANIFEST}' is not a layout on disk: a manifest is read with "
+                          "editor_reid.data.manifest.read_manifest (datasets.manifest)")
     try:
         return LAYOUTS[name]
     except KeyError:
@@ -391,29 +412,30 @@ def build_splits(
     dirs = _check_dirs(layout, root, _check_split_names(splits))
     records = {split: _read_split(layout, path, problems) for split, path in dirs.items()}
 
-    train_pids = sorted({pid for pid, *_ in records.get("train", ())})
-    relabel = {pid: label for label, pid in enumerate(train_pids)}
+    crop = STRIP_WIDTH if layout.modality_dirs is None else None
 
-    def samples(split: str, relabelled: bool) -> list[Sample]:
-        crop = STRIP_WIDTH if layout.modality_dirs is None else None
-        return [
-            Sample(paths=paths, pid=relabel[pid] if relabelled else pid, camid=camid, sceneid=sceneid, crop=crop)
-            for pid, camid, sceneid, paths in records.get(split, ())
-        ]
+    def samples(split: str) -> list[Sample]:
+        return [Sample(paths=paths, pid=pid, camid=camid, sceneid=sceneid, crop=crop)
+                for pid, camid, sceneid, paths in records.get(split, ())]
 
-    train = samples("train", relabelled=not raw_pids)
-    query, gallery = samples("query", False), samples("gallery", False)
+    return assemble_splits(name, samples("train"), samples("query"), samples("gallery"), protocol=layout.protocol,
+                           root=str(root), relabel=not raw_pids)
+
+
+def assemble_splits(name: str, train: Sequence[Sample], query: Sequence[Sample], gallery: Sequence[Sample], *,
+                    protocol: str, root: str, relabel: bool = True, **extra) -> DatasetSplits:
+    """The :class:`DatasetSplits` of samples read with their original pids, for every source
+    (a layout, a manifest, a check): with ``relabel`` the train pids become 0..K-1 in the sorted
+    order of the original pids (as the official loaders do); query and gallery keep theirs.
+    ``num_cameras`` is the largest camera id + 1 over all three. ``extra``: further fields."""
+    train_pids = sorted({s.pid for s in train})
+    if relabel:
+        label = {pid: i for i, pid in enumerate(train_pids)}
+        train = [dataclasses.replace(s, pid=label[s.pid]) for s in train]
     camids = [s.camid for s in (*train, *query, *gallery)]
-    return DatasetSplits(
-        name=name,
-        train=train,
-        query=query,
-        gallery=gallery,
-        num_train_pids=len(train_pids),
-        num_cameras=max(camids) + 1 if camids else 0,
-        protocol=layout.protocol,
-        root=str(root),
-    )
+    return DatasetSplits(name=name, train=list(train), query=list(query), gallery=list(gallery),
+                         num_train_pids=len(train_pids), num_cameras=max(camids) + 1 if camids else 0,
+                         protocol=protocol, root=root, **extra)
 
 
 def load_dataset(

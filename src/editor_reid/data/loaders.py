@@ -230,11 +230,11 @@ def _report(dataset: MultiModalDataset, worker: int, pid: int, index: int, *, ca
         return DataLoaderWorkerError(f"DataLoader worker {worker} (pid {pid}) died between samples ({cause})",
                                      worker_id=worker, pid=pid, index=None, paths={})
     sample = dataset.samples[index]
-    paths = {m: sample.paths[m] for m in dataset.modalities}
+    paths = {m: sample.paths[m] for m in dataset.modalities if m in sample.paths}  # a manifest row may lack some
     if sample.crop is None:
         files = ", ".join(f"{m} {p}" for m, p in paths.items())
     else:
-        files = f"R|N|T strip {paths[dataset.modalities[0]]}"
+        files = f"R|N|T strip {next(iter(paths.values()), '')}"
     hint = " (SIGKILL is most often the out-of-memory killer)" if "Killed" in cause else ""
     return DataLoaderWorkerError(
         f"DataLoader worker {worker} (pid {pid}) died while reading sample {index} ({files}): {cause}{hint}",
@@ -378,9 +378,12 @@ def build_train_loader(cfg, splits: DatasetSplits, *, rank: int = 0, world_size:
     return TrainLoader(loader, sampler, cfg.solver.seed, rank)
 
 
-def build_test_loader(cfg, samples: Sequence[Sample], *, modalities: Sequence[str] | None = None) -> EvalLoader:
+def build_test_loader(cfg, samples: Sequence[Sample], *, modalities: Sequence[str] | None = None,
+                      batches: Sequence[Sequence[int]] | None = None) -> EvalLoader:
     """An ordered loader over ``samples``; ``modalities`` (default ``cfg.datasets.modalities``)
-    selects which modalities are read (the batches hold only those; the model fills the rest)."""
+    selects which modalities are read (the batches hold only those; the model fills the rest).
+    ``batches``: the sample indices of each batch, in order (default: consecutive batches of
+    ``test.ims_per_batch``); ``extract`` uses it to keep batches inside its chunks."""
     dataset = MultiModalDataset(
         samples,
         build_transforms(cfg, is_train=False),
@@ -388,5 +391,7 @@ def build_test_loader(cfg, samples: Sequence[Sample], *, modalities: Sequence[st
         skip_bad_images=cfg.datasets.skip_bad_images,
         reading=_reading_table(cfg.dataloader.num_workers),
     )
-    return EvalLoader(DataLoader(dataset, batch_size=cfg.test.ims_per_batch, shuffle=False, drop_last=False,
-                                 **_loader_kwargs(cfg, 0, persistent=True)))
+    kwargs = _loader_kwargs(cfg, 0, persistent=True)
+    if batches is not None:
+        return EvalLoader(DataLoader(dataset, batch_sampler=batches, **kwargs))
+    return EvalLoader(DataLoader(dataset, batch_size=cfg.test.ims_per_batch, shuffle=False, drop_last=False, **kwargs))

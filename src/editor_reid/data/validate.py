@@ -29,6 +29,7 @@ from editor_reid.data.layouts import (
     DatasetSplits,
     LayoutError,
     Sample,
+    assemble_splits,
     dataset_dir,
     expected_paths,
     format_statistics,
@@ -67,8 +68,11 @@ class DataReport:
         return not self.problems
 
 
-def _check_image(path: Path, modality: str, strip: bool, report: DataReport) -> None:
-    """Decode one file; count its mode and size; report decoding, mode and strip-width problems."""
+def _check_image(path: Path, modality: str, strip_width: int | None, report: DataReport) -> None:
+    """Decode one file; count its mode and size; report decoding, mode and strip-width problems.
+
+    ``strip_width``: the width of one modality block when the file is a R|N|T strip, else None.
+    """
     try:
         image = open_image(str(path))
     except BadImageError as exc:
@@ -81,10 +85,10 @@ def _check_image(path: Path, modality: str, strip: bool, report: DataReport) -> 
             to_rgb(image, str(path))
         except BadImageError as exc:
             report.problems.append(f"unsupported image mode: {path} ({exc.reason})")
-        if strip and image.width != 3 * STRIP_WIDTH:
+        if strip_width is not None and image.width != len(MODALITIES) * strip_width:
             report.problems.append(
-                f"wrong geometry: {path} is {image.width}x{image.height} (WxH); an RGBNT100 R|N|T strip "
-                f"must be {3 * STRIP_WIDTH} wide"
+                f"wrong geometry: {path} is {image.width}x{image.height} (WxH); a R|N|T strip of "
+                f"{strip_width}-wide blocks must be {len(MODALITIES) * strip_width} wide"
             )
 
 
@@ -110,10 +114,10 @@ def _check_directory(name: str, split_dir: Path, report: DataReport) -> list[Sam
                 twin_of = next(iter(present.values()))
                 problems.append(f"unpaired modality: {twin_of} has no {modality} twin (expected {path})")
         if strip:
-            _check_image(present["RGB"], _STRIP_LABEL, True, report)
+            _check_image(present["RGB"], _STRIP_LABEL, STRIP_WIDTH, report)
         else:
             for modality, path in sorted(present.items(), key=lambda item: item[1]):
-                _check_image(path, modality, False, report)
+                _check_image(path, modality, None, report)
 
         file_name = key.rpartition("/")[2]
         shown = next(iter(present.values()))
@@ -198,17 +202,8 @@ def check_data(name: str, root: str | Path) -> DataReport:
                 + f") has no gallery image of the same pid from {rule} ({layout.protocol} protocol)"
             )
 
-    camids = [s.camid for samples in splits.values() for s in samples]
-    stats = DatasetSplits(
-        name=name,
-        train=splits["train"],
-        query=splits["query"],
-        gallery=splits["gallery"],
-        num_train_pids=len(train_pids),
-        num_cameras=max(camids) + 1 if camids else 0,
-        protocol=layout.protocol,
-        root=str(root),
-    )
+    stats = assemble_splits(name, splits["train"], splits["query"], splits["gallery"], protocol=layout.protocol,
+                            root=str(root), relabel=False)
     report.statistics = format_statistics(stats) + "\n" + _format_images(report)
     return report
 
@@ -258,8 +253,9 @@ def _file_problem(path: str) -> str | None:
 
 def preflight(splits: DatasetSplits, parts: Sequence[str], modalities: Sequence[str]) -> None:
     """Check, before a run starts, that every file it will read is there: for each sample of
-    ``parts`` ("train", "query", "gallery") and each of ``modalities``, the file exists, is a
-    regular file and is not empty.
+    ``parts`` ("train", "query", "gallery") and each of ``modalities`` it has, the file exists,
+    is a regular file and is not empty. A sample may lack some modalities (a manifest row with
+    an empty cell), but not all of ``modalities``: it would have no image to read.
 
     Only ``stat`` is called, each path once (an RGBNT100 strip serves all modalities, RGBNT201's
     query and gallery are the same files), so 10 000 samples take a fraction of a second;
@@ -272,16 +268,26 @@ def preflight(splits: DatasetSplits, parts: Sequence[str], modalities: Sequence[
     seen: set[str] = set()
     for part in parts:
         for sample in getattr(splits, part):
-            anchor = sample.paths["RGB"]
-            for modality in modalities:
+            read = [m for m in modalities if m in sample.paths]
+            if not read:
+                files = ", ".join(f"{m} {p}" for m, p in sample.paths.items())
+                problems.append(f"no image to read: the {part} sample pid {sample.pid}, camera {sample.camid} "
+                                f"({files}) has none of the modalities read ({', '.join(modalities)})")
+                continue
+            # The layouts anchor a sample on its RGB file; the other files are its twins.
+            anchor = sample.paths.get("RGB") if not splits.manifest else None
+            for modality in read:
                 path = sample.paths[modality]
                 if path in seen:
                     continue
                 seen.add(path)
                 problem = _file_problem(path)
                 if problem is not None:
-                    twin = f" (the {modality} twin of {anchor})" if path != anchor else ""
-                    problems.append(f"{problem}: {path}{twin}")
+                    if anchor is None:
+                        where = f" ({modality} of the {part} sample pid {sample.pid}, camera {sample.camid})"
+                    else:
+                        where = f" (the {modality} twin of {anchor})" if path != anchor else ""
+                    problems.append(f"{problem}: {path}{where}")
     if problems:
         raise PreflightError(_preflight_message(splits, parts, problems), problems)
 
@@ -289,10 +295,15 @@ def preflight(splits: DatasetSplits, parts: Sequence[str], modalities: Sequence[
 def _preflight_message(splits: DatasetSplits, parts: Sequence[str], problems: list[str]) -> str:
     names = list(dict.fromkeys(parts))
     joined = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-    root = splits.root or "."
+    if splits.manifest:
+        where = f"manifest {splits.manifest}: {len(problems)} problem(s) in the {joined} split(s)"
+        check = f"--manifest {shlex.quote(splits.manifest)}"
+    else:
+        root = splits.root or "."
+        where = f"{splits.name}: {len(problems)} problem(s) in the {joined} split(s) at {root}"
+        check = f"--dataset {splits.name} --root {shlex.quote(root)}"
     lines = [
-        f"{splits.name}: {len(problems)} problem(s) in the {joined} split(s) at {root}; run "
-        f"'editor-reid check-data --dataset {splits.name} --root {shlex.quote(root)}' for a full check",
+        f"{where}; run 'editor-reid check-data {check}' for a full check",
         # List items: the command line prints them under the first line (see editor_reid.cli).
         *(f"- {problem}" for problem in problems[:_PREFLIGHT_SHOWN]),
     ]

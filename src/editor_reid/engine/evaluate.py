@@ -1,31 +1,43 @@
-"""``editor-reid test``: evaluate a checkpoint (ours or the official release) on a dataset's test split."""
+"""``editor-reid test``: evaluate a checkpoint (ours or the official release) on a dataset's test split,
+with all modalities, missing ones, or across modalities (query and gallery fed different ones), or
+evaluate a feature file without the model."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from editor_reid.config import Config, config_to_dict
-from editor_reid.data.layouts import load_dataset
+from editor_reid.data.sources import load_configured
 from editor_reid.data.validate import preflight
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine.acceleration import maybe_compile
 from editor_reid.engine.checkpoint import CheckpointError
-from editor_reid.engine.inference import METRIC_KEYS, build_eval_loaders, evaluate_features, extract_features, summarize
+from editor_reid.engine.inference import (
+    METRIC_KEYS,
+    FeatureSet,
+    build_eval_loaders,
+    evaluate_features,
+    extract_features,
+    summarize,
+)
 from editor_reid.engine.logging_utils import ensure_console_log
 from editor_reid.engine.tables import format_metrics_table
-from editor_reid.modalities import modality_subsets, subset_name
+from editor_reid.errors import UsageError
+from editor_reid.features.store import FeatureFile, FeatureFileError, load_feature_file
+from editor_reid.modalities import cross_modality_pairs, modality_subsets, pair_name, subset_name
 from editor_reid.model import build_model, is_official_state_dict, load_official_checkpoint, official_model_sizes
 
-__all__ = ["run_test", "load_weights", "LoadedWeights", "model_for_checkpoint"]
+__all__ = ["run_test", "evaluate_feature_file", "load_weights", "LoadedWeights", "model_for_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -146,53 +158,145 @@ def _check_config(loaded: LoadedWeights, cfg: Config) -> None:
         log.warning("the checkpoint was trained with a different config: %s", "; ".join(diffs))
 
 
-def _evaluate_subsets(cfg: Config, model: nn.Module, splits, device: torch.device, missing: str | None,
-                      rerank: bool) -> dict[str, dict[str, float]]:
-    """One metrics row per evaluated modality subset (all modalities only, without ``missing``)."""
-    query_loader, gallery_loader = build_eval_loaders(cfg, splits)
+Subset = tuple[str, ...]
+
+
+def _modality_set(value: str | Sequence[str], configured: Sequence[str], side: str) -> Subset:
+    """``"RGB,NI"`` or ``["RGB", "NI"]`` (any case) as a subset of the configured modalities, in
+    their order, so that the same set always has the same name and features."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else map(str, value))]
+    given = ",".join(names)
+    choices = f"{', '.join(configured)} (datasets.modalities)"
+    known = {m.lower(): m for m in configured}
+    chosen: list[str] = []
+    for name in names:
+        if name.lower() not in known:
+            what = "an empty name" if not name else f"'{name}'"
+            raise UsageError(f"{side} modalities '{given}': {what} is not one of {choices}")
+        if known[name.lower()] in chosen:
+            raise UsageError(f"{side} modalities '{given}': '{name}' is named twice")
+        chosen.append(known[name.lower()])
+    if not chosen:
+        raise UsageError(f"{side} modalities: none given; choose from {choices}")
+    return tuple(m for m in configured if m in chosen)
+
+
+def _row_plan(cfg: Config, missing: str | None, cross: str | None, query_modalities, gallery_modalities
+              ) -> tuple[str, dict[str, tuple[Subset, Subset]]]:
+    """What to evaluate: ``(kind, {row name: (query modalities, gallery modalities)})``; kind is
+    "full", "missing", "cross" (the standard pairs, then the full-modality row) or "pair"."""
+    if missing not in (None, "all"):
+        raise ValueError(f"missing must be None or 'all', got {missing!r}")
+    if cross not in (None, "all"):
+        raise ValueError(f"cross must be None or 'all', got {cross!r}")
+    pair = query_modalities is not None or gallery_modalities is not None
+    if (missing is not None) + (cross is not None) + pair > 1:
+        raise UsageError("missing='all', cross='all' and query/gallery modalities each choose the rows to "
+                         "evaluate; give only one of them")
     inputs = tuple(cfg.datasets.modalities)
-    rows: dict[str, dict[str, float]] = {}
-    for subset in modality_subsets(inputs) if missing == "all" else [inputs]:
-        query = extract_features(model, query_loader, device, modalities=subset)
-        gallery = query if gallery_loader is None else extract_features(model, gallery_loader, device,
-                                                                         modalities=subset)
-        rows[subset_name(subset)] = summarize(evaluate_features(cfg, query, gallery, splits.protocol, rerank=rerank))
-    return rows
+    if missing == "all":
+        return "missing", {subset_name(s): (s, s) for s in modality_subsets(inputs)}
+    if cross == "all":
+        pairs = cross_modality_pairs(inputs)
+        if not pairs:
+            raise UsageError(f"the cross-modality evaluation needs two modalities or more; datasets.modalities "
+                             f"is {list(inputs)}")
+        return "cross", {**{pair_name(q, g): (q, g) for q, g in pairs}, subset_name(inputs): (inputs, inputs)}
+    if pair:
+        query = inputs if query_modalities is None else _modality_set(query_modalities, inputs, "query")
+        gallery = inputs if gallery_modalities is None else _modality_set(gallery_modalities, inputs, "gallery")
+        return "pair", {pair_name(query, gallery): (query, gallery)}
+    return "full", {subset_name(inputs): (inputs, inputs)}
 
 
-def _print_report(cfg: Config, weights, loaded: LoadedWeights, splits, rows, missing, rerank: bool) -> None:
+def _evaluate_rows(cfg: Config, model: nn.Module, splits, device: torch.device,
+                   plan: Mapping[str, tuple[Subset, Subset]], rerank: bool) -> dict[str, dict[str, float]]:
+    """One metrics row per planned (query modalities, gallery modalities) pair. Each side's
+    features for a modality subset are extracted once and shared by every row that uses them;
+    where query and gallery are one sample list (RGBNT201), so are their features."""
+    query_loader, gallery_loader = build_eval_loaders(cfg, splits)
+    extracted: dict[tuple[str, Subset], FeatureSet] = {}
+
+    def features(side: str, subset: Subset) -> FeatureSet:
+        side = side if gallery_loader is not None else "query"
+        if (side, subset) not in extracted:
+            loader = query_loader if side == "query" else gallery_loader
+            extracted[side, subset] = extract_features(model, loader, device, modalities=subset)
+        return extracted[side, subset]
+
+    return {name: summarize(evaluate_features(cfg, features("query", q), features("gallery", g), splits.protocol,
+                                              rerank=rerank))
+            for name, (q, g) in plan.items()}
+
+
+def _table(rows: Mapping[str, Mapping[str, float]], kind: str) -> str:
+    if kind != "cross":
+        return format_metrics_table(rows, "query->gallery" if kind == "pair" else "modalities",
+                                    rule_before=("average",))
+    full = list(rows)[-1]
+    notes = {"average": f"over the {len(rows) - 2} cross-modality pairs", full: "all modalities on both sides"}
+    return format_metrics_table(rows, "query->gallery", notes=notes, rule_before=("average", full))
+
+
+def _rerank_note(cfg: Config, rerank: bool) -> str:
+    t = cfg.test
+    return f", re-ranked (k1={t.rerank_k1}, k2={t.rerank_k2}, lambda={t.rerank_lambda:.2f})" if rerank else ""
+
+
+def _print_report(cfg: Config, weights, loaded: LoadedWeights, splits, rows, kind: str,
+                  plan: Mapping[str, tuple[Subset, Subset]], rerank: bool) -> None:
     origin = {"editor-reid": "editor-reid checkpoint", "official": "official EDITOR checkpoint",
               "state_dict": "state dict"}[loaded.kind]
     epoch = f", epoch {loaded.epoch}" if loaded.epoch is not None else ""
     print(f"weights: {weights} ({origin}{epoch})")
     for note in loaded.notes:
         print(f"  note: {note}")
-    t = cfg.test
-    reranked = f", re-ranked (k1={t.rerank_k1}, k2={t.rerank_k2}, lambda={t.rerank_lambda:.2f})" if rerank else ""
     print(f"data: {splits.name} test split, {len(splits.query)} query / {len(splits.gallery)} gallery, "
-          f"protocol {splits.protocol}{reranked}")
-    if missing == "all":
+          f"protocol {splits.protocol}{_rerank_note(cfg, rerank)}")
+    if kind == "missing":
         print("missing modalities are fed as zero images (after normalisation)")
-    print(format_metrics_table(rows, "modalities", rule_before=("average",)))
+    elif kind == "cross":
+        print("fed: the queries get only the modalities left of the arrow, the gallery only those right of it; "
+              "absent modalities are zero images (after normalisation)")
+    elif kind == "pair":
+        ((query, gallery),) = plan.values()
+        print(f"fed: queries {subset_name(query)}, gallery {subset_name(gallery)}; absent modalities are zero "
+              "images (after normalisation)")
+    print(_table(rows, kind))
+
+
+def _write_json(json_out: str | Path | None, result: dict) -> None:
+    if json_out is not None:
+        path = Path(json_out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing: str | None = None,
-             json_out: str | Path | None = None, device: str | None = None, quiet: bool = False) -> dict:
+             cross: str | None = None, query_modalities: str | Sequence[str] | None = None,
+             gallery_modalities: str | Sequence[str] | None = None, json_out: str | Path | None = None,
+             device: str | None = None, quiet: bool = False) -> dict:
     """Evaluate ``weights`` on the test split of ``cfg.datasets.names`` and print a table.
 
     ``missing="all"`` evaluates every non-empty subset of the configured modalities (absent
-    ones fed as zeros after normalisation) and adds their average. ``rerank`` (or
+    ones fed as zeros after normalisation) and adds their average. ``query_modalities`` /
+    ``gallery_modalities`` (``"RGB"``, ``"NI,TI"`` or a list; the other side defaults to all
+    configured modalities) feed each side only those modalities: cross-modality retrieval.
+    ``cross="all"`` evaluates the standard pairs of
+    :func:`~editor_reid.modalities.cross_modality_pairs`, their ``"average"`` and the
+    full-modality row. Only one of ``missing``, ``cross`` and the query/gallery modalities may
+    be given (UsageError otherwise, also for an unknown or unconfigured modality). ``rerank`` (or
     ``cfg.test.re_ranking``) applies k-reciprocal re-ranking with ``cfg.test.rerank_*``.
     Returns (and writes to ``json_out``) the metrics as fractions: ``{"mAP", "rank1", "rank5",
-    "rank10", "mINP"}``, or with ``missing`` one such dict per subset plus ``"average"``.
+    "rank10", "mINP"}``, or with ``missing`` one such dict per subset plus ``"average"``, or with
+    ``cross`` one per pair (``"RGB->NI"``), ``"average"`` (of the pairs) and ``"RGB+NI+TI"``.
     """
-    if missing not in (None, "all"):
-        raise ValueError(f"missing must be None or 'all', got {missing!r}")
+    kind, plan = _row_plan(cfg, missing, cross, query_modalities, gallery_modalities)
     ensure_console_log()
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state = ckpt.load_checkpoint(weights, map_location="cpu")
     # Only the evaluation split is needed: the checkpoint tells its identity and camera counts.
-    splits = load_dataset(cfg.datasets.names, cfg.datasets.root_dir, splits=("query", "gallery"))
+    splits = load_configured(cfg.datasets, splits=("query", "gallery"))
     preflight(splits, ("query", "gallery"), cfg.datasets.modalities)
     model = model_for_checkpoint(cfg, state, splits.num_train_pids, splits.num_cameras, weights)
     loaded = load_weights(model, weights, state)
@@ -200,16 +304,50 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     _check_cameras(model, splits, weights)
     maybe_compile(model.to(dev).eval(), cfg)
     rerank = rerank or cfg.test.re_ranking
-    rows = _evaluate_subsets(cfg, model, splits, dev, missing, rerank)
-    if missing == "all":
+    rows = _evaluate_rows(cfg, model, splits, dev, plan, rerank)
+    if kind == "missing":
         rows["average"] = _average(list(rows.values()))
-        result: dict = rows
-    else:
-        (result,) = rows.values()
+    elif kind == "cross":
+        *pairs, full = rows  # the plan lists the full-modality row last
+        rows = {**{n: rows[n] for n in pairs}, "average": _average([rows[n] for n in pairs]), full: rows[full]}
+    result: dict = rows if kind in ("missing", "cross") else next(iter(rows.values()))
     if not quiet:
-        _print_report(cfg, weights, loaded, splits, rows, missing, rerank)
-    if json_out is not None:
-        path = Path(json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        _print_report(cfg, weights, loaded, splits, rows, kind, plan, rerank)
+    _write_json(json_out, result)
+    return result
+
+
+def _split_features(ff: FeatureFile, split: str, path: str | Path) -> FeatureSet:
+    rows = ff.select(ff.split == split)
+    if not len(rows):
+        found = ", ".join(repr(str(s)) for s in np.unique(ff.split)) or "none"
+        raise FeatureFileError(f"feature file '{path}' has no rows with 'split' == '{split}' (its splits: {found}); "
+                               "test --features ranks the query rows against the gallery rows, as extract writes "
+                               "them for a dataset's test split")
+    if ff.protocol == "same_scene" and (rows.sceneid < 0).any():
+        raise FeatureFileError(f"feature file '{path}': protocol same_scene needs the 'sceneid' of every query and "
+                               f"gallery row, but {int((rows.sceneid < 0).sum())} {split} row(s) have -1")
+    return FeatureSet(torch.from_numpy(rows.features), rows.pid, rows.camid, rows.sceneid)
+
+
+def evaluate_feature_file(cfg: Config, path: str | Path, *, rerank: bool = False,
+                          json_out: str | Path | None = None, quiet: bool = False) -> dict:
+    """Evaluate a feature file (:mod:`editor_reid.features.store`) without the model: its rows
+    with ``split == "query"`` against those with ``split == "gallery"``, under the file's
+    ``protocol``; distance, ``feat_norm`` and re-ranking settings come from ``cfg.test``
+    (``rerank`` or ``cfg.test.re_ranking``). Prints the table unless ``quiet``; returns (and
+    writes to ``json_out``) the metrics as fractions, as :func:`run_test` does. A file without
+    query or gallery rows, or with a malformed key, raises FeatureFileError naming the file."""
+    ensure_console_log()
+    ff = load_feature_file(path)
+    query, gallery = _split_features(ff, "query", path), _split_features(ff, "gallery", path)
+    rerank = rerank or cfg.test.re_ranking
+    result = summarize(evaluate_features(cfg, query, gallery, ff.protocol, rerank=rerank))
+    if not quiet:
+        origin = f"from {ff.weights}" if ff.weights else "weights not recorded"
+        print(f"features: {path} ({origin}; modalities fed {subset_name(ff.modalities)})")
+        print(f"data: {len(query.pids)} query / {len(gallery.pids)} gallery rows, protocol {ff.protocol}"
+              f"{_rerank_note(cfg, rerank)}")
+        print(format_metrics_table({subset_name(ff.modalities): result}, "modalities"))
+    _write_json(json_out, result)
     return result

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from editor_reid.data.layouts import KNOWN_TRAIN_STATS, load_dataset
+from editor_reid.data.layouts import KNOWN_TRAIN_STATS, MANIFEST
+from editor_reid.data.sources import load_configured
 from editor_reid.model import build_model, count_parameters
 
 __all__ = ["describe", "train_statistics"]
 
 
 def train_statistics(cfg, root: str | Path | None = None) -> tuple[int, int, str]:
-    """(train IDs, camera count, source) from the dataset at ``root`` or the known statistics."""
+    """(train IDs, camera count, source) from the configured manifest, the dataset at ``root`` or
+    the known statistics."""
     name = cfg.datasets.names
+    if name == MANIFEST:
+        splits = load_configured(cfg.datasets)
+        return splits.num_train_pids, splits.num_cameras, f"manifest {cfg.datasets.manifest}"
     if root is not None:
-        splits = load_dataset(name, root)
+        splits = load_configured(dataclasses.replace(cfg.datasets, root_dir=str(root)))
         return splits.num_train_pids, splits.num_cameras, f"dataset at {root}"
     if name not in KNOWN_TRAIN_STATS:
         raise ValueError(f"no known statistics for dataset '{name}'; pass --root")

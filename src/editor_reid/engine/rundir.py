@@ -48,6 +48,7 @@ RESUMABLE_KEYS = (
     "solver.tensorboard",
     "dataloader.num_workers",
     "datasets.root_dir",
+    "datasets.manifest",
     "test.",
 )
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from editor_reid.config import Config, ConfigError, config_to_dict
-from editor_reid.data.layouts import load_dataset
 from editor_reid.data.loaders import build_train_loader, seed_everything
+from editor_reid.data.sources import load_configured
 from editor_reid.data.validate import preflight
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine import distributed as du
@@ -122,7 +122,7 @@ class Trainer:
         """Data, loaders, model, criterion, optimiser, schedule and scaler, from the config."""
         cfg, ctx = self.cfg, self.ctx
         seed_everything(cfg.solver.seed)
-        self.splits = load_dataset(cfg.datasets.names, cfg.datasets.root_dir)
+        self.splits = load_configured(cfg.datasets)
         # Stat every file the run will read now, rather than fail on a missing one mid-epoch.
         preflight(self.splits, ("train", "query", "gallery") if ctx.is_main else ("train",), cfg.datasets.modalities)
         self.num_classes, self.num_cameras = self.splits.num_train_pids, self.splits.num_cameras

@@ -7,7 +7,7 @@ DWT), ``hma.py`` (masked aggregation), ``editor.py`` (assembly, heads, ``build_m
 The model never imports the engine, data, logging or CLI layers.
 """
 
-from editor_reid.model.backbone import BackboneOutput, ViTBackbone, build_backbone, rollout_cls_row
+from editor_reid.model.backbone import UNKNOWN_CAMERA, BackboneOutput, ViTBackbone, build_backbone, rollout_cls_row
 from editor_reid.model.editor import (
     EDITOR,
     EditorEvalOutput,
@@ -34,6 +34,7 @@ __all__ = [
     "HMA",
     "SFTS",
     "BackboneOutput",
+    "UNKNOWN_CAMERA",
     "EditorEvalOutput",
     "EditorTrainOutput",
     "HMAOutput",

@@ -5,7 +5,9 @@ weight layouts are timm's; every timm internal read here goes through ``model/_t
 What EDITOR adds (docs/official-behaviour.md#backbone):
 
 * the SIE camera embedding ``sie_embed`` [C, 1, D], added with coefficient ``sie_coe`` to every
-  token, CLS included: ``tokens = [CLS; patches] + pos_embed + λ·sie_embed[cam]``;
+  token, CLS included: ``tokens = [CLS; patches] + pos_embed + λ·sie_embed[cam]``. Camera id
+  :data:`UNKNOWN_CAMERA` (-1), for a camera the model was not trained on, takes the mean of the
+  C learned embeddings instead (see :meth:`ViTBackbone.embed` for why);
 * the unused classifier ``fc`` (D -> 1000) that the official model builds; it is kept so the
   parameter count and official checkpoints match, and never used in ``forward``;
 * the post-softmax attention probabilities of every block, which SFTS needs and timm's fused
@@ -46,6 +48,7 @@ from editor_reid.model import _timm
 
 __all__ = [
     "ARCHITECTURES",
+    "UNKNOWN_CAMERA",
     "BackboneConfigError",
     "BackboneOutput",
     "ViTBackbone",
@@ -69,6 +72,9 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 }
 
 PATCH_SIZE = 16
+#: The camera id of a camera outside the SIE table (a new deployment camera): its SIE term is the
+#: mean of the learned camera embeddings.
+UNKNOWN_CAMERA = -1
 FC_CLASSES = 1000  # the official backbone's unused ImageNet classifier
 
 
@@ -294,26 +300,41 @@ class ViTBackbone(nn.Module):
         return tokens.reshape(batch, length, -1), row, keep
 
     def embed(self, images: torch.Tensor, cam_ids: torch.Tensor | None) -> torch.Tensor:
-        """Patchify, prepend CLS, add position and SIE terms: [B, 1+N, D]."""
+        """Patchify, prepend CLS, add position and SIE terms: [B, 1+N, D].
+
+        Camera id :data:`UNKNOWN_CAMERA` (-1) adds ``sie_coe`` times the mean of the learned
+        camera embeddings. In training every token carried one camera's embedding, so the
+        network never saw a token without a camera offset; zero would shift every token of an
+        unseen camera away from anything it was trained on, by the whole length of the offset.
+        The mean is the expected offset over the table's cameras (uniformly weighted: the table
+        does not know how often each camera appeared): the smallest average shift from the
+        cameras the network knows. Known ids index the table exactly as before.
+        """
         sie = None
         if self.sie_embed is not None:
             if cam_ids is None:
                 raise ValueError("the SIE camera embedding is enabled (model.sie_camera): pass the camera ids")
-            sie = self.sie_coe * self.sie_embed[cam_ids.to(device=self.sie_embed.device, dtype=torch.long)]  # [B, 1, D]
+            cams = cam_ids.to(device=self.sie_embed.device, dtype=torch.long)
+            # Row C of the extended table is the mean; -1 is sent there without a host sync.
+            table = torch.cat([self.sie_embed, self.sie_embed.mean(dim=0, keepdim=True)])  # [C+1, 1, D]
+            sie = self.sie_coe * table[torch.where(cams == UNKNOWN_CAMERA, self.num_cameras, cams)]  # [B, 1, D]
         return _timm.embed_tokens(self.vit, images, sie)
 
     def check_cameras(self, cam_ids: torch.Tensor | None) -> None:
+        """Raise ValueError when a camera id is neither in the SIE table nor :data:`UNKNOWN_CAMERA`."""
         if self.sie_embed is None or cam_ids is None or cam_ids.numel() == 0:
             return
         if cam_ids.device.type != "cpu":  # a readable error would cost a host sync per batch
-            in_range = (cam_ids.min() >= 0) & (cam_ids.max() < self.num_cameras)
-            torch._assert_async(in_range, "camera id out of range for the SIE table (num_cameras = max camera id + 1)")
+            in_range = (cam_ids.min() >= UNKNOWN_CAMERA) & (cam_ids.max() < self.num_cameras)
+            torch._assert_async(in_range, "camera id out of range for the SIE table (num_cameras = max camera id + 1; "
+                                          "-1 = unknown camera)")
             return
         low, high = int(cam_ids.min()), int(cam_ids.max())
-        if low < 0 or high >= self.num_cameras:
+        if low < UNKNOWN_CAMERA or high >= self.num_cameras:
             raise ValueError(
                 f"camera id out of range [{low}, {high}]: the SIE table has {self.num_cameras} cameras "
-                "(build the model with num_cameras = max camera id + 1)"
+                f"(ids 0..{self.num_cameras - 1}, or {UNKNOWN_CAMERA} for an unknown camera; build the model with "
+                "num_cameras = max camera id + 1)"
             )
 
     def forward(
