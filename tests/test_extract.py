@@ -255,3 +255,14 @@ def test_test_features_on_an_extracted_file_gives_the_metrics_of_test(setup, tmp
     assert from_unit.keys() == reference.keys()
     for key, value in reference.items():
         assert from_unit[key] == pytest.approx(value, abs=0.02), key
+
+
+def test_the_file_carries_the_fingerprint_of_the_model(setup, single, tmp_path):
+    """Equal for the same weights (the extractor's, the file's); different for another model."""
+    tmp, data, weights = setup
+    fingerprint = load_feature_file(single).fingerprint
+    assert len(fingerprint) == 32 and fingerprint == FeatureExtractor(weights, device="cpu").fingerprint
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    _, other = tiny_weights(other_dir, seed=1)
+    assert FeatureExtractor(other, device="cpu").fingerprint != fingerprint

@@ -232,7 +232,7 @@ def _prepare_parts(parts: Path, header: dict, num_chunks: int) -> list[int]:
 
 
 def _chunk_file(inputs: ExtractInputs, lo: int, hi: int, features: np.ndarray, *, normalize: bool,
-                modalities: Sequence[str], weights: str) -> FeatureFile:
+                modalities: Sequence[str], weights: str, fingerprint: str) -> FeatureFile:
     samples = inputs.samples[lo:hi]
     return FeatureFile(
         features=features,
@@ -245,6 +245,7 @@ def _chunk_file(inputs: ExtractInputs, lo: int, hi: int, features: np.ndarray, *
         normalized=normalize,
         modalities=tuple(modalities),
         weights=weights,
+        fingerprint=fingerprint,
     )
 
 
@@ -319,7 +320,8 @@ def _extract(ctx: du.DistContext, extractor: FeatureExtractor, inputs: ExtractIn
     parts = out.with_name(out.name + PARTS_SUFFIX)
     header = _header(extractor.weights, cfg, inputs, chunk_size=chunk_size, normalize=normalize,
                      modalities=extractor.modalities, amp=extractor.amp)
-    columns = dict(normalize=normalize, modalities=extractor.modalities, weights=extractor.weights)
+    columns = dict(normalize=normalize, modalities=extractor.modalities, weights=extractor.weights,
+                   fingerprint=extractor.fingerprint)
 
     # Rank 0 owns the work folder; the others learn its verdict, and check that they listed the
     # same input (a file system that differs between machines would mix rows).

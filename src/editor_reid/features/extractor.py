@@ -46,6 +46,7 @@ from editor_reid.engine.acceleration import maybe_compile
 from editor_reid.engine.evaluate import load_weights, model_for_checkpoint
 from editor_reid.engine.inference import extract_features
 from editor_reid.engine.solver import autocast_context
+from editor_reid.features.store import model_fingerprint
 from editor_reid.errors import EditorReidError, UsageError
 from editor_reid.modalities import MODALITIES
 from editor_reid.model.backbone import UNKNOWN_CAMERA
@@ -217,6 +218,9 @@ class FeatureExtractor:
         model = model_for_checkpoint(cfg, state, 0, 0, weights)
         self.loaded = load_weights(model, weights, state)
         del state
+        #: :func:`~editor_reid.features.store.model_fingerprint` of the weights: written into
+        #: feature files, checked by a gallery index.
+        self.fingerprint = model_fingerprint(model.state_dict())
         self.model = maybe_compile(model.to(self.device).eval(), cfg)
         self.transform = build_transforms(cfg, is_train=False)
         self.modalities = tuple(m for m in MODALITIES if m in cfg.datasets.modalities)

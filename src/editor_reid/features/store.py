@@ -18,6 +18,8 @@ key             dtype, shape    meaning
 ``normalized``  bool []         whether ``features`` rows have unit L2 norm
 ``modalities``  str [K]         the modalities that were fed to the model
 ``weights``     str []          the checkpoint the features came from
+``fingerprint`` str []          the model's fingerprint (:func:`model_fingerprint`): a
+                                gallery index refuses features of another model
 ``version``     int64 []        the file format's version (1)
 =============== =============== =========================================================
 
@@ -27,6 +29,7 @@ with ``allow_pickle=False``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -39,7 +42,7 @@ from editor_reid.errors import EditorReidError
 from editor_reid.modalities import MODALITIES
 
 __all__ = ["FeatureFile", "FeatureFileError", "FORMAT_VERSION", "PROTOCOLS", "save_feature_file",
-           "load_feature_file", "path_key"]
+           "load_feature_file", "path_key", "model_fingerprint"]
 
 FORMAT_VERSION = 1
 PROTOCOLS = ("same_camera", "same_scene")
@@ -47,6 +50,20 @@ PROTOCOLS = ("same_camera", "same_scene")
 
 class FeatureFileError(EditorReidError, ValueError):
     """A feature file is missing a key, has a wrong shape or type, or is not an ``.npz`` at all."""
+
+
+def model_fingerprint(state_dict) -> str:
+    """A short hex digest of a model's weights (names, shapes, dtypes and values, in key order):
+    equal for the same weights whatever file or format they came from, different for any other
+    model. Features of two models are not comparable; this tells them apart."""
+    import torch  # only here: reading a feature file needs NumPy alone
+
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def path_key(modality: str) -> str:
@@ -68,6 +85,7 @@ class FeatureFile:
     normalized: bool = True
     modalities: tuple[str, ...] = MODALITIES
     weights: str = ""
+    fingerprint: str = ""
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # keys a later version or a user added
 
     def __len__(self) -> int:
@@ -79,6 +97,7 @@ class FeatureFile:
             features=self.features[mask], pid=self.pid[mask], camid=self.camid[mask], sceneid=self.sceneid[mask],
             split=self.split[mask], paths={m: p[mask] for m, p in self.paths.items()}, protocol=self.protocol,
             normalized=self.normalized, modalities=self.modalities, weights=self.weights,
+            fingerprint=self.fingerprint,
         )
 
 
@@ -117,6 +136,7 @@ def save_feature_file(path: str | Path, ff: FeatureFile) -> Path:
         "normalized": np.asarray(bool(ff.normalized)),
         "modalities": np.asarray(list(ff.modalities), dtype=np.str_),
         "weights": np.asarray(str(ff.weights), dtype=np.str_),
+        "fingerprint": np.asarray(str(ff.fingerprint), dtype=np.str_),
         "version": np.asarray(FORMAT_VERSION, dtype=np.int64),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +206,7 @@ def load_feature_file(path: str | Path) -> FeatureFile:
         normalized=bool(scalar("normalized", False)),
         modalities=tuple(str(m) for m in arrays.pop("modalities", np.asarray(MODALITIES))),
         weights=str(scalar("weights", "")),
+        fingerprint=str(scalar("fingerprint", "")),
     )
     arrays.pop("version", None)
     ff.extra = arrays
