@@ -140,3 +140,58 @@ def test_bench_memory_reports_the_rss_trend_of_a_training_run(tmp_path):
     assert 1 <= kept["min"] <= kept["mean"] <= kept["max"] <= 32 and kept["distinct_padded_lengths"] >= 1
     assert [e["step"] for e in report["evaluations"]] == [12, 24]
     assert "RSS slope" in result.stdout
+
+
+def test_bench_serve_reports_throughput_latency_and_no_errors(tmp_path):
+    out = tmp_path / "serve.json"
+    result = _run_script("bench_serve.py", "--searches", "24", "--concurrency", "4", "--add-every", "6",
+                         "--warmup", "2", "--gallery", "60", "--size", "64x32", "--json", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == 0 and report["searches"] == 24 and report["adds"] == 4
+    assert report["gallery_entries_at_end"] == 60 + 4
+    assert _positive(report["requests_per_s"]) and _positive(report["searches_per_s"])
+    for kind in ("search", "add"):
+        stats = report["latency_ms"][kind]
+        assert all(_positive(stats[key]) for key in ("p50", "p95", "p99", "mean"))
+        assert stats["p50"] <= stats["p95"] <= stats["p99"]
+    assert report["batches"] >= 1 and 1 <= report["mean_batch"] <= 16
+    assert "requests/s" in result.stdout and "errors: 0" in result.stdout
+
+
+def test_bench_search_reports_every_kind_and_the_auto_choice(tmp_path):
+    pytest.importorskip("faiss")
+    out = tmp_path / "search.json"
+    result = _run_script("bench_search.py", "--sizes", "2000", "--dim", "64", "--queries", "20", "--batch1", "3",
+                         "--hnsw-max", "1000", "--workdir", str(tmp_path), "--json", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    entry = report["sizes"]["2000"]
+    assert entry["auto"] == "flat"
+    rows = entry["kinds"]
+    assert rows["flat"]["recall_at_k"] == 1.0 and rows["flat"]["speedup_batched"] == 1.0
+    assert "not built above --hnsw-max" in rows["hnsw"]["skipped"]
+    ivfpq = rows["ivfpq"]
+    assert 0 < ivfpq["recall_at_k"] <= 1 and ivfpq["params"]["nlist"] >= 16
+    for key in ("build_s", "index_bytes", "batch1_ms_per_query", "batched_ms_per_query", "speedup_batch1"):
+        assert _positive(ivfpq[key]), key
+    assert "auto = flat" in result.stdout and "recall@10" in result.stdout
+    assert list(tmp_path.iterdir()) == [out]  # the memory-mapped gallery is removed
+
+
+def test_bench_onnx_reports_parity_and_speed_of_both_backends(tmp_path):
+    out = tmp_path / "onnx.json"
+    result = _run_script("bench_onnx.py", "--tiny", "--batches", "1,3", "--repeats", "1", "--threads", "1",
+                         "--json", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["size"] == [64, 32] and _positive(report["export"]["seconds"]) and _positive(report["export"]["mib"])
+    assert [p["batch"] for p in report["parity"]] == [1, 3] and [s["batch"] for s in report["speed"]] == [1, 3]
+    for p in report["parity"]:
+        assert p["masks_differ_untied"] == 0 and p["max_rel_error_all"] >= 0
+        assert p["max_rel_error"] is None or p["max_rel_error"] < 1e-4
+        assert 1 <= p["kept_min"] <= p["kept_max"] <= p["num_patches"] == 8
+    for s in report["speed"]:
+        assert all(_positive(s["triplets_per_s"][k]) for k in ("torch", "onnxruntime"))
+        assert _positive(s["ratio"]) and _positive(s["median_ratio"])
+    assert "onnxruntime trip/s" in result.stdout and "max rel err" in result.stdout

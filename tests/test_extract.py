@@ -266,3 +266,12 @@ def test_the_file_carries_the_fingerprint_of_the_model(setup, single, tmp_path):
     other_dir.mkdir()
     _, other = tiny_weights(other_dir, seed=1)
     assert FeatureExtractor(other, device="cpu").fingerprint != fingerprint
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_one_line_usage_error(setup, tmp_path, capsys):
+    _, data, weights = setup
+    status = main(["extract", "--weights", str(weights), "--dataset", "rgbnt201", "--root", str(data),
+                   "--device", "cuda", "--out", str(tmp_path / "f.npz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "use --device cpu" in err[0]

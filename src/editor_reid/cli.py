@@ -77,6 +77,22 @@ def _integer(minimum: int, maximum: int | None = None):
 _seed = _integer(0, MAX_SEED)
 
 
+def _real(minimum: float, *, strict: bool = False):
+    """An argparse ``type=`` for a finite number >= minimum (> minimum when ``strict``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > minimum if strict else value >= minimum) or value == float("inf"):
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: expected a finite number {'>' if strict else '>='} {minimum:g}")
+        return value
+
+    return parse
+
+
 def _seed_list(text: str) -> str:
     """Check ``--seeds 1111,2222``; the text itself is kept (``_cmd_train`` splits it), so the
     namespace shows what was typed."""
@@ -101,6 +117,37 @@ def _split_list(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(
             f"invalid value {text!r}: expected comma-separated splits among {','.join(SPLIT_NAMES)}")
     return items
+
+
+def _fpr(text: str) -> float:
+    """``--fpr 1e-3``: a false-positive rate, a number in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a false-positive rate in (0, 1), e.g. 1e-3")
+    return value
+
+
+def _fpr_list(text: str) -> tuple[float, ...]:
+    """``--fpr 1e-2,1e-3`` -> (0.01, 0.001)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected comma-separated false-positive rates, "
+                                         "e.g. 1e-2,1e-3")
+    values: list[float] = []
+    for item in items:
+        try:
+            value = _fpr(item)
+        except argparse.ArgumentTypeError:
+            if len(items) == 1:
+                raise
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: {item!r} is not a false-positive rate in "
+                                             "(0, 1)") from None
+        if value not in values:
+            values.append(value)
+    return tuple(values)
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -229,7 +276,14 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     run_extract(args.weights, args.out, config=args.config, dataset=args.dataset, root=args.root,
                 manifest=args.manifest, images=args.images, splits=args.splits, batch_size=args.batch_size,
                 chunk_size=args.chunk_size, num_workers=args.workers, normalize=not args.no_normalize,
-                device=args.device, amp=args.amp)
+                device=args.device, amp=args.amp, backend=args.backend, onnx=args.onnx)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from editor_reid.deploy.export import export_onnx
+
+    export_onnx(args.weights, args.out, config=args.config, opset=args.opset)
     return 0
 
 
@@ -237,6 +291,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from editor_reid.engine.demo import run_demo
 
     run_demo(Path(args.out), seed=args.seed, json_out=args.json, epochs=args.epochs)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.onnx is not None and args.config is not None:
+        _usage_error("editor-reid serve", "--config goes with --weights; an --onnx model carries its own settings")
+    from editor_reid.deploy.service import ServiceSettings, run_server
+
+    settings = ServiceSettings(k=args.k, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                               max_upload_mb=args.max_upload_mb, threshold=args.threshold, fpr=args.fpr)
+    run_server(args.index, weights=args.weights, config=args.config, onnx=args.onnx, device=args.device,
+               host=args.host, port=args.port, settings=settings, access_log=args.access_log)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from editor_reid.deploy.thresholds import run_calibrate
+
+    run_calibrate(fprs=args.fpr, metric=args.metric, features=args.features, weights=args.weights,
+                  config=args.config, dataset=args.dataset, root=args.root, manifest=args.manifest,
+                  device=args.device, out=args.out, index=args.index)
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from editor_reid.deploy.search import run_search
+
+    run_search(args.index, args.out, features=args.features, weights=args.weights, config=args.config,
+               dataset=args.dataset, root=args.root, manifest=args.manifest, images=args.images, splits=args.splits,
+               device=args.device, k=args.k, exclude_same_camera=args.exclude_same_camera,
+               threshold=args.threshold, fpr=args.fpr, thresholds=args.thresholds)
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from editor_reid.deploy import gallery
+
+    if args.index_command == "build":
+        gallery.run_index_build(args.features, args.out, kind=args.kind, metric=args.metric, splits=args.splits,
+                                overwrite=args.overwrite)
+    elif args.index_command == "add":
+        gallery.run_index_add(args.index, args.features, splits=args.splits, compact=args.compact)
+    else:
+        print(json.dumps(gallery.index_info(args.index), indent=2))
     return 0
 
 
@@ -363,7 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_make_manifest)
 
     p = command("extract", "write the features of dataset splits, a manifest or a folder of images to a .npz file")
-    p.add_argument("--weights", required=True, help="checkpoint file (.pt from editor-reid or official .pth)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", help="checkpoint file (.pt from editor-reid or official .pth)")
+    model.add_argument("--onnx", metavar="MODEL.onnx",
+                       help="an ONNX file of 'editor-reid export', run with onnxruntime instead of a checkpoint")
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default=None,
+                   help="torch (with --weights) or onnxruntime (with --onnx); default: the one the model file needs")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--dataset", choices=LAYOUT_NAMES, help="a dataset layout, read from --root")
     source.add_argument("--manifest", metavar="M.csv", help="a CSV manifest of samples")
@@ -384,6 +487,125 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast (fp16: CUDA only)")
     p.add_argument("--out", required=True, metavar="FEATS.npz", help="the feature file to write")
     p.set_defaults(func=_cmd_extract)
+
+    p = command("export", "export a checkpoint as an ONNX graph with a dynamic batch, for onnxruntime")
+    p.add_argument("--weights", required=True, help="checkpoint file (.pt from editor-reid or official .pth)")
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name; needed for an official .pth (default: the checkpoint's own)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the export format")
+    p.add_argument("--opset", type=_integer(18, 22), default=None,
+                   help="ONNX opset version, 18 to 22 (default: the exporter's choice)")
+    p.add_argument("--out", required=True, metavar="MODEL.onnx", help="the file to write (replaced if it exists)")
+    p.set_defaults(func=_cmd_export)
+
+    p = command("calibrate", "open-set thresholds: the distances that keep false positives at target rates, "
+                             "measured on a labelled query/gallery split")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", metavar="FEATS.npz",
+                        help="a feature file: its query rows against its gallery rows, under its protocol")
+    source.add_argument("--weights", help="checkpoint: extract the query and gallery splits of --dataset or --manifest")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--dataset", choices=LAYOUT_NAMES, help="a dataset layout, read from --root (with --weights)")
+    data.add_argument("--manifest", metavar="M.csv", help="a CSV manifest with query and gallery rows (with --weights)")
+    p.add_argument("--root", default=None, metavar="DIR", help="directory that contains the dataset folder (--dataset)")
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name; needed for an official .pth (default: the checkpoint's own)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--fpr", type=_fpr_list, default="1e-2,1e-3", metavar="F[,F]",
+                   help="comma-separated target false-positive rates")
+    p.add_argument("--metric", choices=["euclidean", "cosine"], default=None,
+                   help="squared Euclidean or 1 - cosine on L2-normalised features (default: the --index's, else "
+                        "euclidean)")
+    p.add_argument("--out", default=None, metavar="thresholds.json", help="write the thresholds to this JSON file")
+    p.add_argument("--index", default=None, metavar="INDEX_DIR",
+                   help="store the thresholds in this gallery index's manifest (same metric and model only)")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = command("search", "search a gallery index with query features or images; open set: a query whose best "
+                          "match is beyond a threshold is unknown")
+    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="the gallery index directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", metavar="Q.npz", help="a feature file of queries (all rows, or --splits)")
+    source.add_argument("--weights", help="checkpoint: extract the queries of --manifest, --images or --dataset")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--dataset", choices=LAYOUT_NAMES, help="a dataset layout, read from --root (with --weights)")
+    data.add_argument("--manifest", metavar="M.csv", help="a CSV manifest of queries (with --weights)")
+    data.add_argument("--images", metavar="DIR",
+                      help="a folder of images, as extract --images reads it (with --weights); cameras unknown")
+    p.add_argument("--root", default=None, metavar="DIR", help="directory that contains the dataset folder (--dataset)")
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name; needed for an official .pth (default: the checkpoint's own)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    p.add_argument("--splits", type=_split_list, default=None, metavar="S[,S]",
+                   help="the rows to search with: of --features (default: all rows) or of --dataset/--manifest "
+                        "(default: query)")
+    p.add_argument("-k", type=_integer(1), default=10, help="matches per query")
+    p.add_argument("--exclude-same-camera", action="store_true",
+                   help="skip gallery items from the query's own camera (cameras unknown, -1, exclude nothing)")
+    openset = p.add_mutually_exclusive_group()
+    openset.add_argument("--threshold", type=_real(0), default=None,
+                         help="open-set threshold as a distance: a query whose best match is farther is unknown")
+    openset.add_argument("--fpr", type=_fpr, default=None,
+                         help="open-set threshold calibrated for this false-positive rate (editor-reid calibrate), "
+                              "from the index's manifest or --thresholds")
+    p.add_argument("--thresholds", default=None, metavar="thresholds.json",
+                   help="with --fpr: read the threshold from this calibrate --out file instead of the index")
+    p.add_argument("--out", required=True, metavar="results.json", help="the search results, one object per query")
+    p.set_defaults(func=_cmd_search)
+
+    p = command("index", "build, extend and describe a persisted gallery index (FAISS) of a feature file")
+    index_sub = p.add_subparsers(dest="index_command", metavar="{build,add,info}", required=True,
+                                 parser_class=_Parser)
+
+    def index_command(name: str, help: str):  # noqa: A002 (argparse's own word)
+        q = index_sub.add_parser(name, help=help, formatter_class=_HelpFormatter, allow_abbrev=False)
+        q.set_defaults(func=_cmd_index)
+        return q
+
+    splits_help = ("comma-separated splits of --features to index (default: its gallery rows if it has any, else "
+                   "all rows)")
+    q = index_command("build", "index the gallery rows of a feature file into a new index directory")
+    q.add_argument("--features", required=True, metavar="FEATS.npz", help="the feature file (editor-reid extract)")
+    q.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index directory to write")
+    q.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
+                   help="flat: exact; ivfpq, hnsw: approximate; auto: flat up to 100,000 entries, else ivfpq")
+    q.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean",
+                   help="squared Euclidean (as editor-reid test ranks) or 1 - cosine, on L2-normalised features")
+    q.add_argument("--splits", type=_split_list, default=None, metavar="S[,S]", help=splits_help)
+    q.add_argument("--overwrite", action="store_true", help="write into INDEX_DIR even if it is not empty")
+    q = index_command("add", "append the rows of a feature file to an index (journaled: durable at once)")
+    q.add_argument("--index", required=True, metavar="INDEX_DIR", help="the index directory")
+    q.add_argument("--features", required=True, metavar="MORE.npz", help="the feature file to add")
+    q.add_argument("--splits", type=_split_list, default=None, metavar="S[,S]", help=splits_help)
+    q.add_argument("--compact", action="store_true",
+                   help="then fold the journal into a new generation of the index files")
+    q = index_command("info", "print the manifest of an index as JSON (entries, width, metric, kind, model, "
+                              "thresholds)")
+    q.add_argument("--index", required=True, metavar="INDEX_DIR", help="the index directory")
+
+    p = command("serve", "serve a gallery index over HTTP: POST /search, POST /gallery, GET /healthz")
+    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="the gallery index directory to search and add to")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", help="checkpoint file (.pt from editor-reid or official .pth with --config)")
+    model.add_argument("--onnx", metavar="MODEL.onnx", help="an exported ONNX model instead of a checkpoint")
+    p.add_argument("--config", default=None,
+                   help="YAML file or preset name; needed for an official .pth (default: the checkpoint's own)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_integer(0, 65535), default=8000, help="port to listen on (0: a free one)")
+    p.add_argument("--max-batch", type=_integer(1), default=16, help="samples per model call, at most")
+    p.add_argument("--max-wait-ms", type=_real(0), default=5.0,
+                   help="how long a request may wait for others to share its model call")
+    p.add_argument("--max-upload-mb", type=_real(0, strict=True), default=20.0,
+                   help="the largest request body, in MiB (larger: 413)")
+    p.add_argument("-k", type=_integer(1), default=10, help="matches per search unless the request gives k")
+    openset = p.add_mutually_exclusive_group()
+    openset.add_argument("--fpr", type=_fpr, default=None,
+                         help="open-set threshold: the index's threshold calibrated for this false-positive rate")
+    openset.add_argument("--threshold", type=_real(0), default=None,
+                         help="open-set threshold as a distance: a query whose best match is farther is unknown")
+    p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

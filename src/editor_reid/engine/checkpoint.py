@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,6 +28,7 @@ import torch
 
 from editor_reid.engine.rng import capture_rng_state
 from editor_reid.errors import EditorReidError
+from editor_reid.fileio import atomic_write
 
 __all__ = [
     "STATE_FORMAT",
@@ -108,38 +108,20 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any], *, keep_p
     if not isinstance(state, Mapping):
         raise CheckpointError(f"checkpoint '{path}': state must be a dict, got {type(state).__name__}")
     _check_storable(dict(state), "state")
+    state = dict(state)
+    keep = (lambda: path.exists() and _link_previous(path)) if keep_previous else None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, state, keep_previous)
+        atomic_write(path, lambda tmp: _torch_save(state, tmp), before_replace=keep)
     except OSError as exc:
         raise CheckpointWriteError(
             f"could not write checkpoint '{path}': {exc.strerror or exc}; the previous checkpoint there, if any, "
             "is unchanged", exc.errno) from exc
-    _fsync_directory(path.parent)
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, state: Mapping[str, Any], keep_previous: bool) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())
-        if keep_previous and path.exists():
-            _link_previous(path)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+def _torch_save(state: dict, tmp: Path) -> None:
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
 
 
 def _link_previous(path: Path) -> None:
@@ -149,20 +131,6 @@ def _link_previous(path: Path) -> None:
         os.unlink(link)
     os.link(path, link)
     os.replace(link, previous_path(path))
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform / filesystem.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _kind_of_file(path: Path) -> str | None:

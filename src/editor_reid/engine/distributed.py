@@ -29,6 +29,7 @@ import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from editor_reid.config import ConfigError
+from editor_reid.errors import UsageError
 
 __all__ = [
     "DistContext",
@@ -105,7 +106,8 @@ def init_distributed(device: str | None = None, environ: Mapping[str, str] | Non
         rank, world_size, local_rank = context_from_env(environ)
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+        raise UsageError(f"device '{device}' was requested, but this machine has no CUDA device torch can use "
+                         f"(torch {torch.__version__}); use --device cpu")
     if use_cuda:
         index = local_rank if world_size > 1 else torch.cuda.current_device()
         if world_size > 1 and index >= torch.cuda.device_count():

@@ -21,9 +21,7 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +37,22 @@ from editor_reid.data.validate import preflight
 from editor_reid.engine import distributed as du
 from editor_reid.engine.logging_utils import ensure_console_log, other_ranks_warn_only
 from editor_reid.errors import EditorReidError, UsageError
+from editor_reid.fileio import write_json_atomically
 from editor_reid.features.extractor import FeatureExtractor
 from editor_reid.features.store import FeatureFile, load_feature_file, save_feature_file
 from editor_reid.modalities import MODALITIES
 from editor_reid.model.backbone import UNKNOWN_CAMERA
 
 __all__ = ["run_extract", "collect_inputs", "scan_images", "ExtractInputs", "IMAGE_SUFFIXES", "DEFAULT_CHUNK_SIZE",
-           "PARTS_SUFFIX"]
+           "PARTS_SUFFIX", "BACKENDS"]
 
 log = logging.getLogger(__name__)
 
 #: The files ``--images`` reads (compared in lower case).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_CHUNK_SIZE = 4096
+#: ``extract --backend``: PyTorch on a checkpoint, or onnxruntime on an exported ONNX file.
+BACKENDS = ("torch", "onnxruntime")
 #: The work folder of ``FEATS.npz`` is ``FEATS.npz.parts``.
 PARTS_SUFFIX = ".parts"
 _HEADER = "header.json"
@@ -194,16 +195,8 @@ def _chunk_path(parts: Path, index: int) -> Path:
     return parts / f"chunk_{index:06d}.npz"
 
 
-def _write_json(path: Path, value: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(value, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_json(path: Path, value) -> None:
+    write_json_atomically(path, value, indent=2)
 
 
 def _prepare_parts(parts: Path, header: dict, num_chunks: int) -> list[int]:
@@ -270,13 +263,14 @@ def _counted(batches: Iterator[dict], count: int, bar) -> Iterator[dict]:
         bar.update(len(batch["pid"]))
 
 
-def run_extract(weights: str | Path, out: str | Path, *, config: Config | str | Path | None = None,
+def run_extract(weights: str | Path | None, out: str | Path, *, config: Config | str | Path | None = None,
                 dataset: str | None = None, root: str | Path | None = None, manifest: str | Path | None = None,
                 images: str | Path | None = None, splits: Sequence[str] = ("query", "gallery"),
                 inputs: ExtractInputs | None = None, batch_size: int | None = None,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, num_workers: int | None = None, normalize: bool = True,
                 device: str | None = None, amp: str = "none", quiet: bool = False,
-                on_chunk: Callable[[int], None] | None = None) -> Path:
+                on_chunk: Callable[[int], None] | None = None, backend: str | None = None,
+                onnx: str | Path | None = None) -> Path:
     """Extract the features of one input (see :func:`collect_inputs`; or ``inputs``, samples
     listed by the caller) with ``weights`` and write them to the feature file ``out``
     (:mod:`editor_reid.features.store`), in input order.
@@ -286,10 +280,15 @@ def run_extract(weights: str | Path, out: str | Path, *, config: Config | str | 
     config's ``dataloader.num_workers``. Work is saved every ``chunk_size`` samples (see the
     module docstring); ``on_chunk(i)`` runs after chunk ``i`` is written. Under torchrun each
     rank computes its share of the chunks and rank 0 writes ``out``. Returns ``out``.
+
+    ``backend``: "torch" runs ``weights`` (a checkpoint); "onnxruntime" runs ``onnx``, a file of
+    ``editor-reid export`` (:meth:`FeatureExtractor.from_onnx`; its config is in the file, so
+    neither ``weights`` nor ``config`` is given). Default: the one the given model file needs.
     """
     ensure_console_log()
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be at least 1, got {chunk_size}")
+    backend = _check_backend(backend, weights, onnx, config, amp)
     out = Path(out)
     kind = None if device in (None, "auto") else "cuda" if str(device).startswith("cuda") else "cpu"
     ctx = du.init_distributed(kind)
@@ -300,12 +299,37 @@ def run_extract(weights: str | Path, out: str | Path, *, config: Config | str | 
                 inputs = collect_inputs(dataset=dataset, root=root, manifest=manifest, images=images, splits=splits)
             elif any(value is not None for value in (dataset, manifest, images)):
                 raise UsageError("run_extract takes either inputs= or one of dataset=, manifest=, images=")
-            target = ctx.device if ctx.distributed or device in (None, "auto") else device
-            extractor = FeatureExtractor(weights, config, device=target, batch_size=batch_size, amp=amp)
+            if backend == "onnxruntime":  # "auto": CUDA if this onnxruntime has it
+                target = ctx.device if ctx.distributed else device or "auto"
+                extractor = FeatureExtractor.from_onnx(onnx, device=target, batch_size=batch_size)
+            else:
+                target = ctx.device if ctx.distributed or device in (None, "auto") else device
+                extractor = FeatureExtractor(weights, config, device=target, batch_size=batch_size, amp=amp)
             return _extract(ctx, extractor, inputs, out, chunk_size=chunk_size, num_workers=num_workers,
                             normalize=normalize, quiet=quiet, on_chunk=on_chunk)
     finally:
         du.shutdown_distributed(ctx)
+
+
+def _check_backend(backend: str | None, weights, onnx, config, amp: str) -> str:
+    """The backend to run, or UsageError when the model files and options do not fit it."""
+    if backend not in (None, *BACKENDS):
+        raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if (weights is None) == (onnx is None):
+        raise UsageError("extract needs exactly one model: --weights W (a checkpoint) or --onnx M.onnx (a file of "
+                         "'editor-reid export')" + (", not both" if weights is not None else ""))
+    backend = backend or ("torch" if onnx is None else "onnxruntime")
+    if backend == "onnxruntime":
+        if onnx is None:
+            raise UsageError("--backend onnxruntime runs an exported model: give --onnx M.onnx (written by "
+                             "'editor-reid export --format onnx'), not --weights")
+        if config is not None:
+            raise UsageError("--config goes with --weights: an ONNX file carries the config it was exported with")
+        if amp != "none":
+            raise UsageError(f"--amp {amp} goes with --backend torch: the onnxruntime backend runs the graph in fp32")
+    elif onnx is not None:
+        raise UsageError("--onnx runs with --backend onnxruntime; --backend torch needs --weights W (a checkpoint)")
+    return backend
 
 
 def _extract(ctx: du.DistContext, extractor: FeatureExtractor, inputs: ExtractInputs, out: Path, *, chunk_size: int,

@@ -225,6 +225,38 @@ class FeatureExtractor:
         self.transform = build_transforms(cfg, is_train=False)
         self.modalities = tuple(m for m in MODALITIES if m in cfg.datasets.modalities)
 
+    @classmethod
+    def from_onnx(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int | None = None,
+                  threads: int | None = None) -> FeatureExtractor:
+        """An extractor that runs an ONNX file of ``editor-reid export`` with onnxruntime
+        (:class:`~editor_reid.deploy.onnx_runtime.OnnxModel`) instead of a checkpoint with PyTorch.
+
+        Calls, ``extract_batches``, ``cfg``, ``feature_dim``, ``modalities``, ``num_cameras`` and
+        ``fingerprint`` (the exported weights') behave as with the checkpoint; the config comes from
+        the file. ``device``: "cpu", "cuda[:N]" (onnxruntime-gpu) or "auto"; ``threads``:
+        onnxruntime's intra-op threads. Features stay fp32 (no ``amp``).
+        """
+        from editor_reid.deploy.onnx_runtime import OnnxModel
+
+        model = OnnxModel(path, device=device, threads=threads)
+        self = cls.__new__(cls)
+        self.weights = str(path)
+        cfg = copy.deepcopy(model.cfg)
+        if batch_size is not None:
+            if int(batch_size) < 1:
+                raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            cfg.test.ims_per_batch = int(batch_size)
+        cfg.datasets.skip_bad_images = False
+        self.cfg = cfg
+        self.device = torch.device("cpu")  # batches are handed to onnxruntime from the host
+        self.amp = "none"
+        self.loaded = None
+        self.fingerprint = model.fingerprint
+        self.model = model
+        self.transform = build_transforms(cfg, is_train=False)
+        self.modalities = tuple(m for m in MODALITIES if m in cfg.datasets.modalities)
+        return self
+
     @property
     def batch_size(self) -> int:
         return self.cfg.test.ims_per_batch
@@ -237,6 +269,8 @@ class FeatureExtractor:
     @property
     def num_cameras(self) -> int | None:
         """The size of the checkpoint's SIE camera table; None without one (cameras are then ignored)."""
+        if not isinstance(self.model, torch.nn.Module):  # an ONNX graph (from_onnx) keeps it in its metadata
+            return self.model.num_cameras
         sie = self.model.backbone.sie_embed
         return None if sie is None else int(sie.shape[0])
 

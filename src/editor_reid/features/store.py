@@ -30,8 +30,6 @@ with ``allow_pickle=False``.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from editor_reid.errors import EditorReidError
+from editor_reid.fileio import atomic_write
 from editor_reid.modalities import MODALITIES
 
 __all__ = ["FeatureFile", "FeatureFileError", "FORMAT_VERSION", "PROTOCOLS", "save_feature_file",
@@ -139,18 +138,11 @@ def save_feature_file(path: str | Path, ff: FeatureFile) -> Path:
         "fingerprint": np.asarray(str(ff.fingerprint), dtype=np.str_),
         "version": np.asarray(FORMAT_VERSION, dtype=np.int64),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file, not a name: np.savez would append ".npz" to the name
             np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 _REQUIRED = ("features", "pid", "camid", "split")

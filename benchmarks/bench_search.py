@@ -1,0 +1,252 @@
+"""Benchmark the gallery index kinds (`editor_reid.deploy.gallery`) against exact search.
+
+Default run (7 minutes on the 2-core machine of docs/gallery.md; at 1M it needs about 10 GB of
+memory and 19 GB of free disk, for the memory-mapped gallery and one saved index)::
+
+    python benchmarks/bench_search.py                        # 100,000 and 1,000,000 x 2304-d
+
+For each gallery size and index kind it reports the build time (training included), the index
+file size and the growth of the resident set (anonymous memory, so the memory-mapped gallery
+does not count), the query latency one query at a time and for the whole query batch, recall@10
+against the exact (flat) search, and the speed-up over it. Then the choice of ``kind="auto"``
+with a PASS/FAIL line for its promise at 1M: recall@10 >= 0.95 and >= 10x faster than exact
+search, both one query at a time and batched.
+
+The features are synthetic but shaped like learned ReID embeddings: every identity has a centre
+in a low-dimensional latent space (``--latent``, 64), mapped to the full width by a fixed random
+matrix; each gallery entry is one of ``--views`` noisy views of an identity (latent noise plus
+isotropic noise in the full width), L2-normalised; the queries are fresh views of gallery
+identities. The gallery is written in chunks to a memory-mapped ``.npy`` file in a temporary
+folder (``--workdir``), so 1M x 2304 float32 (9.2 GB) is never held twice in memory.
+
+HNSW is skipped above ``--hnsw-max`` entries (default 200,000): its graph is built one insertion
+at a time, and at 1M x 2304 that takes far too long on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from editor_reid.deploy.gallery import AUTO_FLAT_MAX, GalleryIndex, default_params, resolve_kind
+
+KIND_ORDER = ("flat", "ivfpq", "hnsw")
+TARGET_SIZE = 1_000_000
+TARGET_RECALL = 0.95
+TARGET_SPEEDUP = 10.0
+
+
+class Features:
+    """Identity-clustered synthetic features, generated chunk by chunk from a seed."""
+
+    def __init__(self, size: int, dim: int, views: int, latent: int, seed: int,
+                 view_noise: float = 0.45, isotropic_noise: float = 0.6):
+        rng = np.random.default_rng(seed)
+        self.size, self.dim, self.seed = size, dim, seed
+        self.identities = max(1, size // views)
+        self.mixing = (rng.standard_normal((latent, dim)) / math.sqrt(latent)).astype(np.float32)  # [L, D]
+        self.centres = rng.standard_normal((self.identities, latent)).astype(np.float32)  # [I, L]
+        self.view_noise, self.isotropic_noise = view_noise, isotropic_noise
+
+    def views(self, identities: np.ndarray, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        z = self.centres[identities] + self.view_noise * rng.standard_normal(
+            (len(identities), self.centres.shape[1]), dtype=np.float32)
+        x = z @ self.mixing
+        x += self.isotropic_noise * rng.standard_normal(x.shape, dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    def write_gallery(self, path: Path, chunk: int = 50_000) -> np.ndarray:
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(self.size, self.dim))
+        for start in range(0, self.size, chunk):
+            rows = np.arange(start, min(start + chunk, self.size))
+            out[rows] = self.views(rows % self.identities, seed=self.seed * 1_000_003 + start + 1)
+        out.flush()
+        del out
+        return np.load(path, mmap_mode="r")
+
+    def queries(self, count: int) -> np.ndarray:
+        rng = np.random.default_rng(self.seed + 7)
+        return self.views(rng.integers(0, self.identities, count), seed=self.seed + 8)
+
+
+def rss_anon_bytes() -> int:
+    """Anonymous resident memory (Linux); 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def measure(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k: int, workdir: Path,
+            params: dict | None) -> tuple[dict, np.ndarray]:
+    rss0 = rss_anon_bytes()
+    start = time.perf_counter()
+    index = GalleryIndex.build(gallery, kind=kind, params=params)
+    build_s = time.perf_counter() - start
+    rss_delta = rss_anon_bytes() - rss0
+    start = time.perf_counter()
+    index_dir = index.save(workdir / f"index-{kind}")
+    save_s = time.perf_counter() - start
+    index_bytes = sum(p.stat().st_size for p in index_dir.iterdir())
+    shutil.rmtree(index_dir)
+    index.search(queries[:1], k)  # warm-up: first-touch of the code and the memory
+    start = time.perf_counter()
+    for i in range(batch1):
+        index.search(queries[i:i + 1], k)
+    batch1_ms = (time.perf_counter() - start) / batch1 * 1e3
+    start = time.perf_counter()
+    result = index.search(queries, k)
+    batched_ms = (time.perf_counter() - start) / len(queries) * 1e3
+    row = {"kind": kind, "params": index.params, "build_s": build_s, "save_s": save_s, "index_bytes": index_bytes,
+           "rss_delta_bytes": rss_delta, "batch1_ms_per_query": batch1_ms, "batched_ms_per_query": batched_ms}
+    del index
+    return row, result.entries
+
+
+def parse_params(items: list[str]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for item in items:
+        kind, _, assignments = item.partition(":")
+        for assignment in filter(None, assignments.split(",")):
+            key, _, value = assignment.partition("=")
+            out.setdefault(kind, {})[key] = int(value)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100000,1000000", help="comma-separated gallery sizes")
+    parser.add_argument("--dim", type=int, default=2304, help="feature width (EDITOR: 3 x 768)")
+    parser.add_argument("--queries", type=int, default=200, help="queries, searched as one batch")
+    parser.add_argument("--batch1", type=int, default=20, help="queries timed one at a time")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--views", type=int, default=10, help="gallery entries per identity")
+    parser.add_argument("--latent", type=int, default=64, help="dimension of the identity space")
+    parser.add_argument("--kinds", default=",".join(KIND_ORDER), help="comma-separated kinds (flat always runs)")
+    parser.add_argument("--hnsw-max", type=int, default=200_000, help="skip HNSW above this many entries")
+    parser.add_argument("--params", action="append", default=[], metavar="KIND:KEY=V[,KEY=V]",
+                        help="override index parameters, e.g. ivfpq:nprobe=64,k_factor=10")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", type=Path, default=None, help="folder for the memory-mapped gallery")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    kinds = ["flat"] + [kind for kind in args.kinds.split(",") if kind in KIND_ORDER[1:]]
+    overrides = parse_params(args.params)
+    import faiss
+
+    cpu = f"{cpu_model()}, {faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}"
+    print(f"gallery search benchmark: {args.dim}-d features, {args.queries} queries ({args.batch1} timed one at a "
+          f"time), k={args.k}; {cpu}", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="bench_search.", dir=args.workdir))
+    report = {"cpu": cpu, "dim": args.dim, "queries": args.queries, "k": args.k, "auto_flat_max": AUTO_FLAT_MAX,
+              "sizes": {}}
+    hnsw_seconds_per_entry = None
+    try:
+        for size in sizes:
+            data = Features(size, args.dim, args.views, args.latent, args.seed)
+            start = time.perf_counter()
+            gallery = data.write_gallery(workdir / "gallery.npy")
+            queries = data.queries(args.queries)
+            print(f"\n{size:,} entries: generated in {time.perf_counter() - start:.0f} s "
+                  f"({data.identities:,} identities x {args.views} views)", flush=True)
+            rows, exact = {}, None
+            for kind in kinds:
+                if kind == "hnsw" and size > args.hnsw_max:
+                    estimate = (f"; at the measured {hnsw_seconds_per_entry * 1e3:.2f} ms per entry it would take "
+                                f"over {hnsw_seconds_per_entry * size / 60:.0f} min"
+                                if hnsw_seconds_per_entry else "")
+                    reason = f"not built above --hnsw-max {args.hnsw_max:,} entries{estimate}"
+                    rows[kind] = {"kind": kind, "skipped": reason}
+                    print(f"  hnsw: skipped, {reason}", flush=True)
+                    continue
+                params = overrides.get(kind)
+                try:
+                    row, entries = measure(kind, gallery, queries, min(args.batch1, args.queries), args.k, workdir,
+                                           params)
+                except Exception as exc:  # noqa: BLE001 - e.g. too few entries to train: report and go on
+                    rows[kind] = {"kind": kind, "skipped": str(exc)}
+                    print(f"  {kind}: skipped: {exc}", flush=True)
+                    continue
+                if kind == "flat":
+                    exact = entries
+                row["recall_at_k"] = float(np.mean([len(set(a[a >= 0]) & set(b)) / args.k
+                                                    for a, b in zip(entries, exact)]))
+                if kind == "hnsw":
+                    hnsw_seconds_per_entry = row["build_s"] / size
+                rows[kind] = row
+                print(f"  {kind}: built in {row['build_s']:.1f} s, {row['batch1_ms_per_query']:.2f} ms/query alone, "
+                      f"{row['batched_ms_per_query']:.3f} ms/query batched, recall@{args.k} {row['recall_at_k']:.3f}",
+                      flush=True)
+            flat = rows["flat"]
+            for row in rows.values():
+                if "skipped" not in row:
+                    row["speedup_batch1"] = flat["batch1_ms_per_query"] / row["batch1_ms_per_query"]
+                    row["speedup_batched"] = flat["batched_ms_per_query"] / row["batched_ms_per_query"]
+            auto = resolve_kind("auto", size)
+            report["sizes"][str(size)] = {"auto": auto, "auto_params": default_params(auto, size, args.dim),
+                                          "kinds": rows}
+            del gallery
+            (workdir / "gallery.npy").unlink()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"\n{'entries':>9} {'kind':<6} {'build s':>8} {'index MiB':>10} {'RSS +MiB':>9} {'1 query ms':>11} "
+          f"{'batched ms/q':>13} {f'recall@{args.k}':>10} {'speed-up 1':>11} {'speed-up batch':>15}")
+    for size, entry in report["sizes"].items():
+        for kind, row in entry["kinds"].items():
+            if "skipped" in row:
+                print(f"{int(size):>9,} {kind:<6} skipped: {row['skipped']}")
+                continue
+            print(f"{int(size):>9,} {kind:<6} {row['build_s']:>8.1f} {row['index_bytes'] / 2**20:>10.0f} "
+                  f"{row['rss_delta_bytes'] / 2**20:>9.0f} {row['batch1_ms_per_query']:>11.2f} "
+                  f"{row['batched_ms_per_query']:>13.3f} {row['recall_at_k']:>10.3f} {row['speedup_batch1']:>10.1f}x "
+                  f"{row['speedup_batched']:>14.1f}x")
+    print(f"\nauto: flat up to {AUTO_FLAT_MAX:,} entries, ivfpq above")
+    for size, entry in report["sizes"].items():
+        row = entry["kinds"].get(entry["auto"], {})
+        if "recall_at_k" not in row:
+            print(f"{int(size):>9,}: auto = {entry['auto']}, not measured")
+            continue
+        verdict = ""
+        if int(size) == TARGET_SIZE:
+            ok = (row["recall_at_k"] >= TARGET_RECALL and row["speedup_batch1"] >= TARGET_SPEEDUP
+                  and row["speedup_batched"] >= TARGET_SPEEDUP)
+            entry["pass"] = ok
+            verdict = (f" -> {'PASS' if ok else 'FAIL'} (needs recall@{args.k} >= {TARGET_RECALL} and >= "
+                       f"{TARGET_SPEEDUP:.0f}x faster than exact at {TARGET_SIZE:,})")
+        print(f"{int(size):>9,}: auto = {entry['auto']} {entry['auto_params']}: recall@{args.k} "
+              f"{row['recall_at_k']:.3f}, {row['speedup_batch1']:.1f}x faster one query at a time, "
+              f"{row['speedup_batched']:.1f}x batched{verdict}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
