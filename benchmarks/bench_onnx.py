@@ -60,8 +60,9 @@ TINY = ["model.embed_dim=64", "model.depth=2", "model.num_heads=4", "model.head_
         "input.size_train=[64,32]", "input.size_test=[64,32]"]
 
 
-def build(tiny: bool):
-    cfg = load_config(resolve_config_path("rgbnt201"), ["model.pretrain_choice=none", *(TINY if tiny else [])])
+def build(tiny: bool, ties: str = "torch"):
+    cfg = load_config(resolve_config_path("rgbnt201"),
+                      ["model.pretrain_choice=none", f"model.sfts_ties={ties}", *(TINY if tiny else [])])
     torch.manual_seed(0)
     model = build_model(cfg, num_classes=NUM_CLASSES, num_cameras=NUM_CAMERAS)
     perturb_norms(model)
@@ -161,6 +162,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (triplets)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per batch size (best kept)")
     parser.add_argument("--threads", type=int, default=0, help="threads of both libraries (0: their defaults)")
+    parser.add_argument("--ties", choices=("torch", "lower_index"), default="torch",
+                        help="model.sfts_ties: lower_index makes tied SFTS boundaries match ONNX's TopK")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
@@ -168,7 +171,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     import onnxruntime
 
-    cfg, model = build(args.tiny)
+    cfg, model = build(args.tiny, args.ties)
     size = tuple(cfg.input.size_test)
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         path = Path(tmp) / "editor.onnx"

@@ -118,9 +118,10 @@ def test_export_writes_a_graph_with_a_dynamic_batch_and_its_metadata(setup):
 
 
 def test_export_prints_what_it_wrote(setup):
-    line = setup[5].strip().splitlines()[-1]
+    line, note = setup[5].strip().splitlines()
     assert line.startswith(f"export: wrote '{setup[3]}'") and "dynamic batch" in line and "192-d" in line
     assert OnnxModel(setup[3]).fingerprint in line
+    assert note.startswith("export: note: model.sfts_ties is 'torch'")  # the default rule: ties may differ
 
 
 # ----------------------------------------------------------------------------- parity
@@ -308,3 +309,40 @@ def test_missing_onnx_packages_give_one_line_with_the_extra(setup, tmp_path, mon
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(OnnxUnavailableError, match="the onnxruntime backend needs the Python package 'onnxruntime'"):
         FeatureExtractor.from_onnx(onnx_path)
+
+
+def test_with_lower_index_ties_the_export_matches_on_tied_inputs(tmp_path):
+    """model.sfts_ties=lower_index: equal scores at the top-k cut-off keep the lower patch index in
+    PyTorch as in ONNX's TopK, so a triplet with ties (dark images: every frequency count 0)
+    selects the same patches and gives the same feature in both."""
+    cfg = tiny_cfg(**{"model.sfts_ties": "lower_index"})
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=5, num_cameras=NUM_CAMERAS).eval()
+    g = torch.Generator().manual_seed(0)
+    images = {m: -torch.rand(3, 3, *model.backbone.img_size, generator=g) for m in MODS}  # all below zero
+    scores = frequency_scores([images[m] for m in MODS])
+    assert bool((scores == 0).all())  # a tie across every patch: only the rule decides
+    cams = torch.tensor([-1, 0, 1])
+    ref, mask = _torch(model, images, cams)
+    graph = OnnxModel(export_model(model, cfg, tmp_path / "ties.onnx"))
+    out = graph(images, cams)
+    assert torch.equal(graph.last_token_mask, mask) and _rel(out, ref) < RTOL
+
+
+def test_lower_index_ties_keep_the_first_of_equal_scores():
+    from editor_reid.model.sfts import topk_mask
+
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    assert topk_mask(scores, 2, "lower_index").tolist() == [[False, True, True, False, False],
+                                                           [True, True, False, False, False]]
+    assert topk_mask(scores, 2).sum(dim=-1).tolist() == [2, 2]  # "torch": some two of the tied
+
+
+def test_export_can_switch_the_tie_rule(setup, tmp_path, capsys):
+    _, _, weights, *_ = setup
+    out = tmp_path / "lower.onnx"
+    assert main(["export", "--weights", str(weights), "--sfts-ties", "lower_index", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "export: wrote" in printed and "note" not in printed
+    meta = OnnxModel(out).session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["editor_reid.config"])["model"]["sfts_ties"] == "lower_index"

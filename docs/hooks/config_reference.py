@@ -58,6 +58,11 @@ NOTES: dict[str, str] = {
         "`official`: the released code's score (bright-pixel count of the modality mean); "
         "`highpass`: high-frequency energy, as the paper describes. See [SFTS](model.md#sfts)."
     ),
+    "model.sfts_ties": (
+        "Which of equal scores at SFTS's top-k cut-off are kept: `torch` as `torch.topk` (the official code; "
+        "differs between CPU, CUDA and ONNX), `lower_index` the lower patch index everywhere. See "
+        "[ONNX export](export.md)."
+    ),
     "model.al": "See [Heads](model.md#heads).",
     "model.bcc": "Background Consistency Constraint loss on/off.",
     "model.ocfr": "Object-Centric Feature Refinement loss on/off.",

@@ -283,7 +283,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from editor_reid.deploy.export import export_onnx
 
-    export_onnx(args.weights, args.out, config=args.config, opset=args.opset)
+    export_onnx(args.weights, args.out, config=args.config, opset=args.opset, sfts_ties=args.sfts_ties)
     return 0
 
 
@@ -495,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="the export format")
     p.add_argument("--opset", type=_integer(18, 22), default=None,
                    help="ONNX opset version, 18 to 22 (default: the exporter's choice)")
+    p.add_argument("--sfts-ties", choices=["torch", "lower_index"], default=None,
+                   help="model.sfts_ties of the exported model (default: the checkpoint's); lower_index makes the "
+                        "graph agree with PyTorch on tied SFTS scores too")
     p.add_argument("--out", required=True, metavar="MODEL.onnx", help="the file to write (replaced if it exists)")
     p.set_defaults(func=_cmd_export)
 

@@ -77,6 +77,7 @@ class ModelConfig:
     head_keep: int = 2
     frequency_keep: int = 10
     frequency_mode: str = "official"  # "official" | "highpass"
+    sfts_ties: str = "torch"  # "torch" (as the official code) | "lower_index" (the same on every device and in ONNX)
     # HMA
     hma: bool = True  # False: plain concatenation of the backbone CLS tokens
     hma_heads: int = 0  # 0 = same as the backbone
@@ -183,6 +184,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "model.pretrain_choice": ("imagenet", "clip", "none"),
     "model.frequency_mode": ("official", "highpass"),
+    "model.sfts_ties": ("torch", "lower_index"),
     "model.triplet_scope": ("global", "local"),
     "model.ocfr_scope": ("global", "local"),
     "input.aug_mode": ("independent", "synchronized"),

@@ -39,7 +39,7 @@ from editor_reid.fileio import atomic_write
 from editor_reid.model import _timm
 from editor_reid.model.backbone import rollout_cls_row
 from editor_reid.model.editor import EDITOR
-from editor_reid.model.sfts import apply_token_mask
+from editor_reid.model.sfts import SFTS, apply_token_mask
 from editor_reid.modalities import MODALITIES
 
 __all__ = [
@@ -215,20 +215,28 @@ def export_model(model: EDITOR, cfg: Config, out: str | Path, *, opset: int | No
 
 
 def export_onnx(weights: str | Path, out: str | Path, *, config: Config | str | Path | None = None,
-                opset: int | None = None, quiet: bool = False) -> Path:
+                opset: int | None = None, sfts_ties: str | None = None, quiet: bool = False) -> Path:
     """``editor-reid export --format onnx``: the model of ``weights`` (an editor-reid checkpoint,
     or an official ``.pth`` / plain state dict with ``config``, as for
-    :class:`~editor_reid.features.extractor.FeatureExtractor`) written to ``out``. Returns ``out``."""
+    :class:`~editor_reid.features.extractor.FeatureExtractor`) written to ``out``. ``sfts_ties``
+    replaces the model's ``model.sfts_ties`` (only tied top-k boundaries change). Returns ``out``."""
     require_onnx("onnx")
     require_onnx("onnxscript")
     from editor_reid.features.extractor import FeatureExtractor
 
     extractor = FeatureExtractor(weights, config, device="cpu")
     model = getattr(extractor.model, "_orig_mod", extractor.model)  # the eager model under torch.compile
+    if sfts_ties is not None:
+        SFTS(ties=sfts_ties)  # validates the name
+        model.sfts.ties = extractor.cfg.model.sfts_ties = sfts_ties
     out = export_model(model, extractor.cfg, out, opset=opset, fingerprint=extractor.fingerprint)
     if not quiet:
         height, width = model.backbone.img_size
         size = out.stat().st_size / 2**20
         print(f"export: wrote '{out}' ({size:.1f} MiB, ONNX; inputs {', '.join(INPUT_NAMES)} at {height}x{width}, "
               f"dynamic batch; feature {model.feat_dim}-d; fingerprint {extractor.fingerprint})")
+        if model.use_sfts and model.sfts.ties == "torch":
+            print("export: note: model.sfts_ties is 'torch' (the official rule); where SFTS scores tie at the top-k "
+                  "cut-off, onnxruntime keeps the lower patch index and the feature can differ from PyTorch's. "
+                  "model.sfts_ties=lower_index makes the two agree on every input (docs/export.md#token-selection)")
     return out

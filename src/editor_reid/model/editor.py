@@ -85,6 +85,7 @@ class EDITOR(nn.Module):
         head_keep: int = 2,
         frequency_keep: int = 10,
         frequency_mode: str = "official",
+        sfts_ties: str = "torch",
         hma: bool = True,
         hma_heads: int = 0,
         al: int = 1,
@@ -104,7 +105,7 @@ class EDITOR(nn.Module):
         self.use_hma = hma
         self.al = al
         self.backbone = backbone
-        self.sfts = SFTS(head_keep, frequency_keep, frequency_mode, patch_size=16)
+        self.sfts = SFTS(head_keep, frequency_keep, frequency_mode, patch_size=16, ties=sfts_ties)
         self.hma = HMA(dim, hma_heads or backbone.num_heads, MODALITIES) if hma else None
         self.fuse_bn = _bn_neck(feat_dim)
         self.fuse_head = _classifier(feat_dim, num_classes)
@@ -219,6 +220,7 @@ def build_model(cfg, num_classes: int, num_cameras: int, *, pretrained: bool = F
         head_keep=m.head_keep,
         frequency_keep=m.frequency_keep,
         frequency_mode=m.frequency_mode,
+        sfts_ties=m.sfts_ties,
         hma=m.hma,
         hma_heads=m.hma_heads,
         al=m.al,

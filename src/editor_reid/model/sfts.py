@@ -39,6 +39,7 @@ __all__ = [
     "select_tokens",
     "spatial_mask",
     "topk_mask",
+    "TIE_RULES",
 ]
 
 FREQUENCY_MODES = ("official", "highpass")
@@ -147,32 +148,44 @@ def frequency_scores(
         return score
 
 
-def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask (same shape as scores [..., N]) of the top-k entries along the last axis.
+#: How equal scores at the top-k cut-off are broken (``model.sfts_ties``): "torch" as
+#: ``torch.topk`` breaks them (the official code's choice; implementation-defined, it differs
+#: between CPU and CUDA), "lower_index" keeps the lower patch index (deterministic on every
+#: device, and what ONNX's TopK does, so an exported model matches on every input).
+TIE_RULES = ("torch", "lower_index")
 
-    Ties are broken by ``torch.topk`` (implementation-defined, as in the official code).
-    """
+
+def topk_mask(scores: torch.Tensor, k: int, ties: str = "torch") -> torch.Tensor:
+    """Boolean mask (same shape as scores [..., N]) of the top-k entries along the last axis;
+    ``ties`` (:data:`TIE_RULES`) says which of equal scores at the cut-off are kept."""
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     k = min(int(k), scores.shape[-1])
-    if k > 0:
-        mask.scatter_(-1, torch.topk(scores, k, dim=-1).indices, True)
-    return mask
+    if k <= 0:
+        return mask
+    if ties == "lower_index" and not torch.compiler.is_exporting():
+        # A stable descending sort keeps equal scores in index order. An exported graph uses
+        # TopK below instead, whose ONNX definition breaks ties the same way.
+        indices = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    else:
+        indices = torch.topk(scores, k, dim=-1).indices
+    return mask.scatter_(-1, indices, True)
 
 
-def spatial_mask(rollouts: Sequence[torch.Tensor], head_keep: int) -> torch.Tensor:
+def spatial_mask(rollouts: Sequence[torch.Tensor], head_keep: int, ties: str = "torch") -> torch.Tensor:
     """Union over modalities and heads of the per-head top-``head_keep`` patches.
 
     rollouts: per modality the CLS row of the attention product, [B, h, N]. Returns [B, N] bool.
     """
-    per_head = topk_mask(torch.stack(list(rollouts)), head_keep)  # [M, B, h, N]
+    per_head = topk_mask(torch.stack(list(rollouts)), head_keep, ties)  # [M, B, h, N]
     return per_head.any(dim=2).any(dim=0)
 
 
 def frequency_mask(
-    images: Sequence[torch.Tensor], frequency_keep: int, patch_size: int = 16, *, mode: str = "official"
+    images: Sequence[torch.Tensor], frequency_keep: int, patch_size: int = 16, *, mode: str = "official",
+    ties: str = "torch",
 ) -> torch.Tensor:
     """Top ``frequency_keep`` patches by :func:`frequency_scores`: [B, N] bool."""
-    return topk_mask(frequency_scores(images, patch_size, mode=mode), frequency_keep)
+    return topk_mask(frequency_scores(images, patch_size, mode=mode), frequency_keep, ties)
 
 
 def select_tokens(
@@ -183,11 +196,12 @@ def select_tokens(
     frequency_keep: int = 10,
     frequency_mode: str = "official",
     patch_size: int = 16,
+    ties: str = "torch",
 ) -> torch.Tensor:
     """M_U = spatial ∨ frequency mask, [B, N] bool (no gradient)."""
     with torch.no_grad():
-        spatial = spatial_mask(rollouts, head_keep)
-        frequency = frequency_mask(images, frequency_keep, patch_size, mode=frequency_mode)
+        spatial = spatial_mask(rollouts, head_keep, ties)
+        frequency = frequency_mask(images, frequency_keep, patch_size, mode=frequency_mode, ties=ties)
         if spatial.shape != frequency.shape:
             raise ValueError(f"token grid {tuple(spatial.shape)} and patch grid {tuple(frequency.shape)} disagree")
         return spatial | frequency
@@ -207,17 +221,21 @@ class SFTS(nn.Module):
     """
 
     def __init__(
-        self, head_keep: int = 2, frequency_keep: int = 10, frequency_mode: str = "official", patch_size: int = 16
+        self, head_keep: int = 2, frequency_keep: int = 10, frequency_mode: str = "official", patch_size: int = 16,
+        ties: str = "torch",
     ) -> None:
         super().__init__()
         if frequency_mode not in FREQUENCY_MODES:
             raise ValueError(f"model.frequency_mode '{frequency_mode}' is not one of {', '.join(FREQUENCY_MODES)}")
+        if ties not in TIE_RULES:
+            raise ValueError(f"model.sfts_ties '{ties}' is not one of {', '.join(TIE_RULES)}")
         if patch_size != 2 ** int(math.log2(patch_size)):
             raise ValueError(f"patch size {patch_size} must be a power of two")
         self.head_keep = int(head_keep)
         self.frequency_keep = int(frequency_keep)
         self.frequency_mode = frequency_mode
         self.patch_size = int(patch_size)
+        self.ties = ties
 
     def forward(self, rollouts: Sequence[torch.Tensor], images: Sequence[torch.Tensor]) -> torch.Tensor:
         return select_tokens(
@@ -227,7 +245,9 @@ class SFTS(nn.Module):
             frequency_keep=self.frequency_keep,
             frequency_mode=self.frequency_mode,
             patch_size=self.patch_size,
+            ties=self.ties,
         )
 
     def extra_repr(self) -> str:
-        return f"head_keep={self.head_keep}, frequency_keep={self.frequency_keep}, frequency_mode={self.frequency_mode}"
+        return (f"head_keep={self.head_keep}, frequency_keep={self.frequency_keep}, frequency_mode={self.frequency_mode}, "
+                f"ties={self.ties}")
