@@ -101,6 +101,19 @@ def _warn_differences(saved: dict, cfg: Config) -> None:
         log.warning("the checkpoint was trained with a different config; the given one is used: %s", "; ".join(diffs))
 
 
+def _runtime_config(cfg: Config, batch_size: int | None) -> Config:
+    """A copy of ``cfg`` for extraction: ``batch_size`` (when given) as ``test.ims_per_batch``, and
+    bad images stop it (the skip rule's replacement "of the same identity" would put another
+    image's feature in a row)."""
+    cfg = copy.deepcopy(cfg)
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        cfg.test.ims_per_batch = int(batch_size)
+    cfg.datasets.skip_bad_images = False
+    return cfg
+
+
 def _device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -205,14 +218,7 @@ class FeatureExtractor:
                  device: str | torch.device = "auto", batch_size: int | None = None, amp: str = "none") -> None:
         self.weights = str(weights)
         state = ckpt.load_checkpoint(weights, map_location="cpu")
-        cfg = copy.deepcopy(_config_for(weights, state, config))
-        if batch_size is not None:
-            if int(batch_size) < 1:
-                raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-            cfg.test.ims_per_batch = int(batch_size)
-        # A replacement image of the "same identity" would put another image's feature in a row.
-        cfg.datasets.skip_bad_images = False
-        self.cfg = cfg
+        self.cfg = cfg = _runtime_config(_config_for(weights, state, config), batch_size)
         self.device = _device(device)
         self.amp = _check_amp(amp, self.device)
         model = model_for_checkpoint(cfg, state, 0, 0, weights)
@@ -241,13 +247,7 @@ class FeatureExtractor:
         model = OnnxModel(path, device=device, threads=threads)
         self = cls.__new__(cls)
         self.weights = str(path)
-        cfg = copy.deepcopy(model.cfg)
-        if batch_size is not None:
-            if int(batch_size) < 1:
-                raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-            cfg.test.ims_per_batch = int(batch_size)
-        cfg.datasets.skip_bad_images = False
-        self.cfg = cfg
+        self.cfg = cfg = _runtime_config(model.cfg, batch_size)
         self.device = torch.device("cpu")  # batches are handed to onnxruntime from the host
         self.amp = "none"
         self.loaded = None
