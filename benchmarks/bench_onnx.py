@@ -46,8 +46,7 @@ from pathlib import Path
 import torch
 
 from bench_model import machine_info, perturb_norms, synthetic_batch  # the same inputs and weights
-from editor_reid.cli import resolve_config_path
-from editor_reid.config import load_config
+from editor_reid.config import load_config, resolve_config_path
 from editor_reid.deploy.export import export_model
 from editor_reid.deploy.onnx_runtime import OnnxModel
 from editor_reid.model import build_model

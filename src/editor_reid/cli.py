@@ -28,30 +28,15 @@ import traceback
 from pathlib import Path
 
 import editor_reid
-from editor_reid.config import MAX_SEED, ConfigError, load_config
+from editor_reid.config import MAX_SEED, ConfigError, load_config, resolve_config_path
 from editor_reid.data.layouts import LAYOUT_NAMES, SPLIT_NAMES
 from editor_reid.errors import EditorReidError
 
-PRESET_DIR = Path(__file__).resolve().parent / "presets"
 DEBUG_ENV = "EDITOR_REID_DEBUG"
 
 # OS errors about a path the user named (--config, --weights, --out, --root, --resume).
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 INTERRUPTED_STATUS = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
-
-
-def resolve_config_path(value: str | None) -> Path | None:
-    """A config argument is a YAML path or the name of a built-in preset (``rgbnt201``)."""
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_file():
-        return path
-    preset = PRESET_DIR / f"{value}.yaml"
-    if preset.is_file():
-        return preset
-    names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
-    raise ConfigError(f"config '{value}' is neither a file nor a built-in preset ({names})")
 
 
 # ----------------------------------------------------------------------------- argument types

@@ -35,6 +35,8 @@ __all__ = [
     "SolverConfig",
     "TestConfig",
     "load_config",
+    "resolve_config_path",
+    "PRESET_DIR",
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
@@ -608,6 +610,24 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+#: The built-in presets: ``<name>.yaml`` here is the config ``--config <name>`` names.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def resolve_config_path(value: str | None) -> Path | None:
+    """A config argument is a YAML path or the name of a built-in preset (``rgbnt201``)."""
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{value}.yaml"
+    if preset.is_file():
+        return preset
+    names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{value}' is neither a file nor a built-in preset ({names})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editor_reid.config import AMP_CHOICES, Config, ConfigError, config_from_dict, config_to_dict, load_config
+from editor_reid.config import (AMP_CHOICES, Config, ConfigError, config_from_dict, config_to_dict, load_config,
+                                resolve_config_path)
 from editor_reid.data.dataset import read_image, to_rgb
 from editor_reid.data.loaders import collate
 from editor_reid.data.transforms import build_transforms
@@ -84,8 +85,6 @@ def _config_for(weights: str | Path, state: Any, config: Config | str | Path | N
     if isinstance(config, Config):
         cfg = config
     else:
-        from editor_reid.cli import resolve_config_path  # the preset folder is the command line's
-
         cfg = load_config(resolve_config_path(str(config)))
     if saved:
         _warn_differences(saved, cfg)
