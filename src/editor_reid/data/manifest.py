@@ -51,7 +51,7 @@ from editor_reid.data.layouts import (
     format_statistics,
     split_dirs,
 )
-from editor_reid.data.validate import _STRIP_LABEL, DataReport, _check_image, _file_problem, _format_images, _has_match
+from editor_reid.data.validate import STRIP_LABEL, DataReport, check_image, file_problem, format_images, has_match
 from editor_reid.modalities import MODALITIES
 
 __all__ = ["ManifestError", "COLUMNS", "read_manifest", "write_manifest", "make_manifest", "check_manifest"]
@@ -379,13 +379,13 @@ def check_manifest(path: str | Path) -> DataReport:
                 continue
             checked.add(file)
             where = _where(row.line, modality)
-            problem = _file_problem(file)
+            problem = file_problem(file)
             if problem is not None:
                 problems.append((row.line, f"{where}: {problem}: {file}"))
                 continue
             before = len(report.problems)
-            label = _STRIP_LABEL if sample.crop is not None else modality
-            _check_image(Path(file), label, sample.crop, report)
+            label = STRIP_LABEL if sample.crop is not None else modality
+            check_image(Path(file), label, sample.crop, report)
             problems += [(row.line, f"{where}: {text}") for text in report.problems[before:]]
             del report.problems[before:]
 
@@ -396,7 +396,7 @@ def check_manifest(path: str | Path) -> DataReport:
     rule = "another scene" if protocol == "same_scene" else "another camera"
     for row in by_split["query"]:
         q = row.sample
-        if by_split["gallery"] and not _has_match(q, gallery_by_pid, protocol):
+        if by_split["gallery"] and not has_match(q, gallery_by_pid, protocol):
             scene = f", scene {q.sceneid}" if protocol == "same_scene" else ""
             problems.append((row.line, f"{_where(row.line)}: query without gallery match: pid {q.pid}, camera "
                                        f"{q.camid}{scene} has no gallery row of the same pid from {rule} "
@@ -406,5 +406,5 @@ def check_manifest(path: str | Path) -> DataReport:
     samples = {split: [row.sample for row in rows] for split, rows in by_split.items()}
     stats = assemble_splits(MANIFEST, samples["train"], samples["query"], samples["gallery"], protocol=protocol,
                             root=str(path.parent), relabel=False, manifest=str(path))
-    report.statistics = format_statistics(stats) + "\n" + _format_images(report)
+    report.statistics = format_statistics(stats) + "\n" + format_images(report)
     return report

@@ -40,10 +40,11 @@ from editor_reid.data.layouts import (
 )
 from editor_reid.modalities import MODALITIES
 
-__all__ = ["DataReport", "check_data", "PreflightError", "preflight"]
+__all__ = ["DataReport", "check_data", "PreflightError", "preflight", "check_image", "file_problem", "format_images",
+           "has_match", "STRIP_LABEL"]
 
-# How the files of an RGBNT100 strip (one file for all modalities) are counted per modality.
-_STRIP_LABEL = "RGB|NI|TI"
+#: How the files of an RGBNT100 strip (one file for all modalities) are counted per modality.
+STRIP_LABEL = "RGB|NI|TI"
 # Sizes listed per modality in the statistics; a real benchmark's crops can have hundreds.
 _SIZES_SHOWN = 5
 # Problems quoted in a PreflightError; check-data lists all of them.
@@ -68,7 +69,7 @@ class DataReport:
         return not self.problems
 
 
-def _check_image(path: Path, modality: str, strip_width: int | None, report: DataReport) -> None:
+def check_image(path: Path, modality: str, strip_width: int | None, report: DataReport) -> None:
     """Decode one file; count its mode and size; report decoding, mode and strip-width problems.
 
     ``strip_width``: the width of one modality block when the file is a R|N|T strip, else None.
@@ -114,10 +115,10 @@ def _check_directory(name: str, split_dir: Path, report: DataReport) -> list[Sam
                 twin_of = next(iter(present.values()))
                 problems.append(f"unpaired modality: {twin_of} has no {modality} twin (expected {path})")
         if strip:
-            _check_image(present["RGB"], _STRIP_LABEL, STRIP_WIDTH, report)
+            check_image(present["RGB"], STRIP_LABEL, STRIP_WIDTH, report)
         else:
             for modality, path in sorted(present.items(), key=lambda item: item[1]):
-                _check_image(path, modality, None, report)
+                check_image(path, modality, None, report)
 
         file_name = key.rpartition("/")[2]
         shown = next(iter(present.values()))
@@ -140,7 +141,8 @@ def _check_directory(name: str, split_dir: Path, report: DataReport) -> list[Sam
     return samples
 
 
-def _has_match(query: Sample, gallery_by_pid: dict[int, list[Sample]], protocol: str) -> bool:
+def has_match(query: Sample, gallery_by_pid: dict[int, list[Sample]], protocol: str) -> bool:
+    """Whether ``query`` has a gallery item of its pid that ``protocol`` lets it match."""
     for g in gallery_by_pid.get(query.pid, ()):
         if protocol == "same_scene":
             if g.sceneid != query.sceneid:
@@ -195,7 +197,7 @@ def check_data(name: str, root: str | Path) -> DataReport:
         gallery_by_pid.setdefault(g.pid, []).append(g)
     rule = "another scene" if layout.protocol == "same_scene" else "another camera"
     for q in splits["query"]:
-        if not _has_match(q, gallery_by_pid, layout.protocol):
+        if not has_match(q, gallery_by_pid, layout.protocol):
             problems.append(
                 f"query without gallery match: {q.paths['RGB']} (pid {q.pid}, camera {q.camid}"
                 + (f", scene {q.sceneid}" if layout.protocol == "same_scene" else "")
@@ -204,14 +206,14 @@ def check_data(name: str, root: str | Path) -> DataReport:
 
     stats = assemble_splits(name, splits["train"], splits["query"], splits["gallery"], protocol=layout.protocol,
                             root=str(root), relabel=False)
-    report.statistics = format_statistics(stats) + "\n" + _format_images(report)
+    report.statistics = format_statistics(stats) + "\n" + format_images(report)
     return report
 
 
-def _format_images(report: DataReport) -> str:
+def format_images(report: DataReport) -> str:
     """The image modes and sizes per modality, most frequent first."""
     lines = ["=> image files per modality (mode: count; size WxH: count)"]
-    for modality in (*MODALITIES, _STRIP_LABEL):
+    for modality in (*MODALITIES, STRIP_LABEL):
         if modality not in report.image_modes:
             continue
         modes = ", ".join(f"{mode} {n}" for mode, n in report.image_modes[modality].most_common())
@@ -234,7 +236,7 @@ class PreflightError(LayoutError):
         self.problems = problems
 
 
-def _file_problem(path: str) -> str | None:
+def file_problem(path: str) -> str | None:
     """What is wrong with ``path`` as an image to read, from one ``stat``; None when nothing."""
     try:
         info = os.stat(path)
@@ -281,7 +283,7 @@ def preflight(splits: DatasetSplits, parts: Sequence[str], modalities: Sequence[
                 if path in seen:
                     continue
                 seen.add(path)
-                problem = _file_problem(path)
+                problem = file_problem(path)
                 if problem is not None:
                     if anchor is None:
                         where = f" ({modality} of the {part} sample pid {sample.pid}, camera {sample.camid})"
