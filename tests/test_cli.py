@@ -24,7 +24,7 @@ from editor_reid.data.layouts import LAYOUT_NAMES, LayoutError
 from editor_reid.errors import EditorReidError, TrainingInterrupted, UsageError
 
 SUBCOMMANDS = ("demo", "train", "test", "info", "make-synthetic", "check-data", "make-manifest", "extract",
-               "calibrate", "search", "index", "serve", "export")
+               "calibrate", "search", "index", "serve", "export", "report")
 
 
 def _exit_code(argv: list[str]) -> int:

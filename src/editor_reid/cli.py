@@ -279,6 +279,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from editor_reid.report import build_report
+
+    out = build_report(args.run_dir, weights=args.weights, out=args.out, max_queries=args.max_queries,
+                       device=args.device)
+    print(f"report: {out}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.onnx is not None and args.config is not None:
         _usage_error("editor-reid serve", "--config goes with --weights; an --onnx model carries its own settings")
@@ -411,6 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the metrics as JSON")
     _add_root(p)
     p.set_defaults(func=_cmd_test)
+
+    p = command("report", "a self-contained HTML report of a training run (needs editor-reid[report])")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (config.yaml, metrics.jsonl, checkpoints/)")
+    p.add_argument("--weights", default=None, help="checkpoint to evaluate (default: checkpoints/last.pt, else best.pt)")
+    p.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    p.add_argument("--max-queries", type=_integer(1), default=8,
+                   help="rank lists shown: half the hardest queries, half random ones")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=_cmd_report)
 
     p = command("info", "model summary (parameters counted as in the paper)")
     _add_config_args(p)
