@@ -240,7 +240,7 @@ def _ranklists(ev: _Evaluation, max_queries: int, seed: int) -> str:
             row = [_img(_jpeg(_strip(q_img[i], None, f"query {qpid} c{qcam + 1}")), f"query {i}", "image/jpeg")]
             for rank, j in enumerate(lists[i], 1):
                 ok = int(ev.gallery.pids[j]) == qpid
-                cap = f"{rank}: {ev.distmat[i, j]:.3f}"
+                cap = f"{rank}: {ev.distmat[i, j]:.3g}"
                 row.append(_img(_jpeg(_strip(g_img[j], _CORRECT if ok else _WRONG, cap)),
                                 f"rank {rank} {'correct' if ok else 'wrong'}", "image/jpeg"))
             parts.append(f'<div class="rl"><span class="note">AP {100 * ap[i]:.1f}</span> {" ".join(row)}</div>')
