@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from editor_reid.deploy.gallery import AUTO_FLAT_MAX, GalleryIndex, default_params, resolve_kind
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 KIND_ORDER = ("flat", "ivfpq", "hnsw")
 TARGET_SIZE = 1_000_000
@@ -88,18 +89,6 @@ def rss_anon_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 def measure(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k: int, workdir: Path,
@@ -160,7 +149,7 @@ def main(argv=None) -> int:
     overrides = parse_params(args.params)
     import faiss
 
-    cpu = f"{cpu_model()}, {faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}"
+    cpu = f"{cpu_name()}, {faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}"
     print(f"gallery search benchmark: {args.dim}-d features, {args.queries} queries ({args.batch1} timed one at a "
           f"time), k={args.k}; {cpu}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_search.", dir=args.workdir))

@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -41,15 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 
 def build_model_and_index(work: Path, gallery: int, size: tuple[int, int]) -> tuple[Path, Path, Path]:
