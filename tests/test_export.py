@@ -20,6 +20,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _cli import exit_code, one_line  # noqa: E402
 from _features import NUM_CAMERAS, tiny_weights  # noqa: E402
 from _tiny import tiny_cfg  # noqa: E402
 
@@ -41,19 +42,6 @@ RTOL = 1e-4
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest per-row relative error max|a - b| / max|b|."""
     return float(((a - b).abs().amax(dim=1) / b.abs().amax(dim=1)).max())
-
-
-def _exit_code(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("editor-reid:") and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -260,8 +248,8 @@ def test_the_runtime_model_checks_its_inputs(setup):
      "argument --onnx: not allowed with argument --weights"),
 ])
 def test_command_line_mistakes_exit_two(argv, message, capsys):
-    assert _exit_code(argv) == 2
-    assert message in _one_line(capsys.readouterr().err)
+    assert exit_code(argv) == 2
+    assert message in one_line(capsys.readouterr().err)
 
 
 def test_backend_mistakes_are_one_line_usage_errors(setup, capsys):
@@ -275,8 +263,8 @@ def test_backend_mistakes_are_one_line_usage_errors(setup, capsys):
         (["--onnx", str(tmp / "none.onnx")], "ONNX file"),
     ]
     for argv, message in cases:
-        assert _exit_code(["extract", *argv, *source]) == 2, argv
-        assert message in _one_line(capsys.readouterr().err)
+        assert exit_code(["extract", *argv, *source]) == 2, argv
+        assert message in one_line(capsys.readouterr().err)
     assert not (tmp / "never.npz").exists()
     with pytest.raises(UsageError, match="exactly one model"):
         run_extract(weights, tmp / "never.npz", onnx=onnx_path, images=data)
@@ -286,8 +274,8 @@ def test_a_file_that_is_not_an_export_is_refused(setup, tmp_path, capsys):
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
     argv = ["extract", "--onnx", str(garbage), "--images", str(setup[1]), "--out", str(tmp_path / "f.npz")]
-    assert _exit_code(argv) == 1
-    assert "is not a readable ONNX file" in _one_line(capsys.readouterr().err)
+    assert exit_code(argv) == 1
+    assert "is not a readable ONNX file" in one_line(capsys.readouterr().err)
     import onnx
     from onnx import TensorProto, helper
 
@@ -302,8 +290,8 @@ def test_a_file_that_is_not_an_export_is_refused(setup, tmp_path, capsys):
 def test_missing_onnx_packages_give_one_line_with_the_extra(setup, tmp_path, monkeypatch, capsys):
     _, data, weights, onnx_path, _, _ = setup
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import onnxscript now raises ImportError
-    assert _exit_code(["export", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 1
-    line = _one_line(capsys.readouterr().err)
+    assert exit_code(["export", "--weights", str(weights), "--out", str(tmp_path / "m.onnx")]) == 1
+    line = one_line(capsys.readouterr().err)
     assert "'onnxscript'" in line and 'pip install "editor-reid[onnx]"' in line
     assert not (tmp_path / "m.onnx").exists()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)

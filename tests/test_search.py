@@ -12,29 +12,16 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _cli import exit_code, one_line  # noqa: E402
 from _features import tiny_weights  # noqa: E402
 from test_thresholds import make_features  # noqa: E402
 
-from editor_reid.cli import main
 from editor_reid.deploy.gallery import GalleryIndex
 from editor_reid.deploy.search import run_search
 from editor_reid.deploy.thresholds import calibrate_feature_file
 from editor_reid.features.extract import run_extract
 from editor_reid.features.store import load_feature_file, save_feature_file
 from editor_reid.metrics import pairwise_distance
-
-
-def _run(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:
-        return exc.code
-
-
-def _one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("editor-reid:") and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +33,7 @@ def setup(tmp_path_factory):
     feats = save_feature_file(tmp / "feats.npz", ff)
     index_dir = tmp / "index"
     GalleryIndex.from_feature_file(feats, kind="flat").save(index_dir)
-    assert _run(["calibrate", "--features", str(feats), "--fpr", "0.05,0.2", "--index", str(index_dir),
+    assert exit_code(["calibrate", "--features", str(feats), "--fpr", "0.05,0.2", "--index", str(index_dir),
                  "--out", str(tmp / "thr.json")]) == 0
     return tmp, feats, index_dir, calibrate_feature_file(ff, fprs=[0.05, 0.2])
 
@@ -68,7 +55,7 @@ def _brute_force(ff, query_rows, exclude_same_camera=False):
 def test_results_equal_a_brute_force_ranking(setup, capsys):
     tmp, feats, index_dir, _ = setup
     out = tmp / "res.json"
-    assert _run(["search", "--index", str(index_dir), "--features", str(feats), "-k", "5", "--out", str(out)]) == 0
+    assert exit_code(["search", "--index", str(index_dir), "--features", str(feats), "-k", "5", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     ff = load_feature_file(feats)
     assert f"search: {len(ff)} queries" in printed and "0 unknown (closed set" in printed and str(out) in printed
@@ -129,13 +116,13 @@ def test_unknown_flags_with_a_threshold_and_an_fpr(setup, capsys):
     t05 = cal.thresholds["0.05"]
     assert GalleryIndex.load(index_dir).thresholds["0.05"] == pytest.approx(t05)
     out = tmp / "f.json"
-    assert _run(["search", "--index", str(index_dir), "--features", str(feats), "--splits", "query", "--fpr", "5e-2",
+    assert exit_code(["search", "--index", str(index_dir), "--features", str(feats), "--splits", "query", "--fpr", "5e-2",
                  "--out", str(out)]) == 0
     unknown = [r["unknown"] for r in json.loads(out.read_text())]
     _agree(unknown, best, np.float32(t05))
     assert f"{sum(unknown)} unknown (threshold {t05:.6g} (FPR 0.05))" in capsys.readouterr().out
     # ... or from a calibrate --out file.
-    assert _run(["search", "--index", str(index_dir), "--features", str(feats), "--splits", "query", "--fpr", "0.2",
+    assert exit_code(["search", "--index", str(index_dir), "--features", str(feats), "--splits", "query", "--fpr", "0.2",
                  "--thresholds", str(tmp / "thr.json"), "--out", str(out)]) == 0
     _agree([r["unknown"] for r in json.loads(out.read_text())], best, np.float32(cal.thresholds["0.2"]))
 
@@ -159,15 +146,15 @@ def test_errors_are_one_line(setup, tmp_path, capsys):
         (["--weights", "w.pt"], r"search --weights needs exactly one input", 2),
     ]
     for argv, message, status in cases:
-        assert _run([*base, *argv]) == status, argv
-        assert re.search(message, _one_line(capsys.readouterr().err)), argv
+        assert exit_code([*base, *argv]) == status, argv
+        assert re.search(message, one_line(capsys.readouterr().err)), argv
     # A thresholds file of another metric is refused.
     cosine = tmp_path / "cos.json"
-    assert _run(["calibrate", "--features", str(feats), "--fpr", "0.05", "--metric", "cosine", "--out",
+    assert exit_code(["calibrate", "--features", str(feats), "--fpr", "0.05", "--metric", "cosine", "--out",
                  str(cosine)]) == 0
     capsys.readouterr()
-    assert _run([*base, "--features", str(feats), "--fpr", "0.05", "--thresholds", str(cosine)]) == 1
-    assert "holds cosine distances but index" in _one_line(capsys.readouterr().err)
+    assert exit_code([*base, "--features", str(feats), "--fpr", "0.05", "--thresholds", str(cosine)]) == 1
+    assert "holds cosine distances but index" in one_line(capsys.readouterr().err)
 
 
 def test_search_with_weights_extracts_the_queries(tmp_path, capsys):
@@ -177,7 +164,7 @@ def test_search_with_weights_extracts_the_queries(tmp_path, capsys):
     index_dir = tmp_path / "index"
     GalleryIndex.from_feature_file(gallery).save(index_dir)
     out = tmp_path / "res.json"
-    assert _run(["search", "--index", str(index_dir), "--weights", str(weights), "--dataset", "rgbnt201",
+    assert exit_code(["search", "--index", str(index_dir), "--weights", str(weights), "--dataset", "rgbnt201",
                  "--root", str(data), "--device", "cpu", "-k", "3", "--out", str(out)]) == 0
     assert "search: extracted" in capsys.readouterr().out
     results = json.loads(out.read_text())
