@@ -350,12 +350,18 @@ def _decode(field_name: str, upload_name: str | None, data: bytes) -> Image.Imag
         raise ServiceError(400, f"{what} is not a decodable image ({exc})") from None
 
 
-def _integer(form, name: str, *, minimum: int | None = None) -> int | None:
+def _form_text(form, name: str) -> str | None:
+    """A plain (non-file) form field's text, or None when absent; ServiceError for a file."""
     value = form.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ServiceError(400, f"field {name!r} must be a plain form value, not a file")
+    return value
+
+
+def _integer(form, name: str, *, minimum: int | None = None) -> int | None:
+    value = _form_text(form, name)
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise ServiceError(400, f"field {name!r} must be a plain form value, not a file")
     try:
         number = int(value.strip())
     except ValueError:
@@ -366,11 +372,9 @@ def _integer(form, name: str, *, minimum: int | None = None) -> int | None:
 
 
 def _number(form, name: str) -> float | None:
-    value = form.get(name)
+    value = _form_text(form, name)
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise ServiceError(400, f"field {name!r} must be a plain form value, not a file")
     try:
         number = float(value.strip())
     except ValueError:
