@@ -195,3 +195,21 @@ def test_bench_onnx_reports_parity_and_speed_of_both_backends(tmp_path):
         assert all(_positive(s["triplets_per_s"][k]) for k in ("torch", "onnxruntime"))
         assert _positive(s["ratio"]) and _positive(s["median_ratio"])
     assert "onnxruntime trip/s" in result.stdout and "max rel err" in result.stdout
+
+
+def test_bench_report_times_and_sizes_the_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    out = tmp_path / "report.json"
+    for extra in ([], ["--random-features"]):
+        result = _run_script("bench_report.py", "--ids", "8", "--views", "2", "--max-queries", "2", "--root",
+                             str(tmp_path / "data"), "--out", str(tmp_path / "report.html"), "--json", str(out), *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(out.read_text())
+        for key in ("report s", "size MB"):
+            assert _positive(report[key]), key
+        assert report["features s"] >= 0 and (extra or _positive(report["features s"]))
+        assert report["report s / 60 s target"] == pytest.approx(report["report s"] / 60, abs=1e-3)
+        assert report["size / 25 MB target"] == pytest.approx(report["size MB"] / 25, abs=1e-3)
+        assert report["features"].startswith("random" if extra else "extracted")
+        assert (tmp_path / "report.html").stat().st_size > 10_000

@@ -16,7 +16,7 @@ from editor_reid.config import dump_config
 from editor_reid.data.layouts import load_dataset
 from editor_reid.data.loaders import build_test_loader
 from editor_reid.data.synthetic import make_synthetic
-from editor_reid.engine import evaluate
+from editor_reid.engine import inference
 from editor_reid.engine.evaluate import run_test
 from editor_reid.engine.inference import extract_features
 from editor_reid.errors import UsageError
@@ -64,11 +64,11 @@ def test_cross_all_extracts_each_subset_once_and_reports_every_pair(setup, tmp_p
     cfg, weights, _, _ = setup
     fed = []
 
-    def counting(model, loader, device, amp="none", modalities=None):
+    def counting(model, loader, device, amp="none", modalities=None, keep_token_masks=False):
         fed.append(tuple(modalities))
         return extract_features(model, loader, device, amp=amp, modalities=modalities)
 
-    monkeypatch.setattr(evaluate, "extract_features", counting)
+    monkeypatch.setattr(inference, "extract_features", counting)
     out = tmp_path / "cross.json"
     result = run_test(cfg, weights, cross="all", json_out=out)
     # RGBNT201: query and gallery are one sample list, so 6 subsets + all modalities = 7 passes.

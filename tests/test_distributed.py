@@ -178,14 +178,15 @@ def test_only_rank_0_writes_the_run(ddp_run):
     out, proc = ddp_run
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == ["checkpoints/best.pt", "checkpoints/epoch_1.pt", "checkpoints/last.pt", "config.yaml",
-                     "env.json", "metrics.jsonl", "train.log"]
+                     "env.json", "metrics.jsonl", "report.html", "train.log"]
     kinds = [r["kind"] for r in records(out)]
     assert kinds.count("train") == 2 and kinds.count("epoch") == 1 and kinds.count("eval") == 1
     log = (out / "train.log").read_text()
     assert log.count("epoch 1/1: loss") == 1 and log.count("epoch 1 evaluation") == 1
     assert json.loads((out / "env.json").read_text())["world_size"] == WORLD
-    # The summary is printed once, by rank 0.
+    # The summary is printed once, and the report written once, by rank 0.
     assert proc.stdout.count("run directory:") == 1
+    assert proc.stdout.count(f"report: {out / 'report.html'}") == 1
 
 
 def test_two_processes_train_like_one(ddp_run, single_run):

@@ -80,6 +80,24 @@ def test_model_mask_is_the_official_selection_from_the_attention_maps():
     assert feature.shape == (4, 192)
 
 
+@pytest.mark.parametrize("ties", ["torch", "lower_index"])
+def test_selection_maps_explain_the_forward_selection(ties):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg((128, 64), **{"model.sfts_ties": ties}), num_classes=5, num_cameras=3).eval()
+    images, cams = batch((128, 64), n=3)
+    maps = model.selection_maps(images, cams)
+    with torch.no_grad():
+        mask = model.forward_features(images, cams).token_mask
+    assert torch.equal(maps.mask, mask)
+    assert torch.equal(maps.mask, maps.spatial | maps.frequency)
+    assert maps.rollout.shape == (3, 3, 4, model.num_patches)  # modalities, batch, heads, patches
+    assert (maps.frequency.sum(dim=1) == 2).all() and maps.frequency_scores.shape == (3, model.num_patches)
+    # One modality missing: its zero image goes through the backbone like in forward_features.
+    partial = {m: images[m] for m in ("RGB", "TI")}
+    with torch.no_grad():
+        assert torch.equal(model.selection_maps(partial, cams).mask, model.forward_features(partial, cams).token_mask)
+
+
 def test_forward_features_matches_eval_forward_and_is_deterministic():
     model = tiny_model().eval()
     images, cams = batch()

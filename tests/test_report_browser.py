@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install -y chromium)"
 )
 
-SECTIONS = ("metrics", "cmc", "missing", "ranklists", "tokens", "cameras", "training", "config")
+SECTIONS = ("metrics", "cmc", "roc", "missing", "cross", "ranklists", "tokens", "cameras", "objects", "training",
+            "embedding", "config")
 
 # a 1x1 GIF
 _GIF = "data:image/gif;base64,R0lGODlhAQABAIAAAAAAAP///yH5BAEAAAAALAAAAAABAAEAAAIBRAA7"

@@ -220,12 +220,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.seeds:
         from editor_reid.engine.sweep import train_seeds
 
-        train_seeds(cfg, [int(s) for s in args.seeds.split(",") if s.strip()])
+        result = train_seeds(cfg, [int(s) for s in args.seeds.split(",") if s.strip()])
+        summaries = list(result.get("runs", {}).values())
     else:
         from editor_reid.engine.train import train
 
-        train(cfg, resume=args.resume)
+        summaries = [train(cfg, resume=args.resume)]
+    run_dirs = [Path(summary["run_dir"]) for summary in summaries if summary.get("run_dir")]
+    if args.report:
+        from editor_reid.engine.distributed import context_from_env
+
+        if context_from_env()[0] == 0:  # under torchrun, rank 0 writes it
+            for run_dir in run_dirs:
+                _run_report(lambda: _build_run_report(run_dir))
     return 0
+
+
+def _build_run_report(run_dir: Path) -> Path:
+    from editor_reid.report import build_report
+
+    return build_report(run_dir)
+
+
+def _run_report(build) -> None:
+    """Write a report after a finished job and print its path; without the report extra, say
+    so in one line and go on (the job itself succeeded)."""
+    from editor_reid.report.figures import MissingExtraError
+
+    try:
+        out = build()
+    except MissingExtraError as exc:
+        print(f"editor-reid: report skipped: {exc}", file=sys.stderr)
+        return
+    print(f"report: {out}")
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
@@ -234,6 +261,9 @@ def _cmd_test(args: argparse.Namespace) -> int:
     row_options = [name for name, value in (("--missing", args.missing), ("--cross", args.cross),
                                             ("--query-modalities/--gallery-modalities", pair)) if value is not None]
     if args.features is not None:
+        if args.report is not None:
+            _usage_error(prog, "--report needs --weights: the report looks at the model's token selection and "
+                               "the images, which a feature file does not hold")
         if row_options:
             _usage_error(prog, f"{row_options[0]} needs --weights: --features evaluates the file's features "
                                "as they are")
@@ -250,8 +280,15 @@ def _cmd_test(args: argparse.Namespace) -> int:
     cfg = _load(args)
     from editor_reid.engine.evaluate import run_test
 
+    then = None
+    if args.report is not None:
+        from editor_reid.report import require_report_extra, run_dir_of, write_report
+
+        require_report_extra()  # before the evaluation, not after it
+        then = lambda run: print(f"report: {write_report(run, args.report, run_dir=run_dir_of(args.weights))}")  # noqa: E731
     run_test(cfg, args.weights, rerank=args.rerank, missing=args.missing, cross=args.cross,
-             query_modalities=args.query_modalities, gallery_modalities=args.gallery_modalities, json_out=args.json)
+             query_modalities=args.query_modalities, gallery_modalities=args.gallery_modalities, json_out=args.json,
+             then=then)
     return 0
 
 
@@ -275,7 +312,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from editor_reid.engine.demo import run_demo
 
-    run_demo(Path(args.out), seed=args.seed, json_out=args.json, epochs=args.epochs)
+    result = run_demo(Path(args.out), seed=args.seed, json_out=args.json, epochs=args.epochs)
+    if args.report:
+        _run_report(lambda: _build_run_report(Path(result["run_dir"])))
     return 0
 
 
@@ -283,7 +322,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from editor_reid.report import build_report
 
     out = build_report(args.run_dir, weights=args.weights, out=args.out, max_queries=args.max_queries,
-                       device=args.device)
+                       queries=args.query, device=args.device)
     print(f"report: {out}")
     return 0
 
@@ -388,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=1111, help="seed of the data and of the training")
     p.add_argument("--epochs", type=_integer(1), default=None, help="override the demo's epoch count")
     p.add_argument("--json", default=None, help="write untrained/trained metrics as JSON")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip the HTML report (OUT/run/report.html, needs editor-reid[report])")
     p.set_defaults(func=_cmd_demo)
 
     p = command("train", "train EDITOR")
@@ -397,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "'auto' (needs --config) continues the run in output_dir if there is one, else starts a new run there")
     p.add_argument("--seeds", type=_seed_list, default=None,
                    help="comma-separated seeds, e.g. 1111,2222,3333: report mean ± std")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="skip the HTML report written to RUN_DIR/report.html at the end (needs editor-reid[report])")
     _add_root(p)
     p.set_defaults(func=_cmd_train)
 
@@ -418,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-modalities", metavar="M[,M]", default=None,
                    help="feed the gallery only these modalities, e.g. NI,TI (default: all)")
     p.add_argument("--json", default=None, help="write the metrics as JSON")
+    p.add_argument("--report", default=None, metavar="REPORT.html",
+                   help="also write the HTML report of these weights on this test split (needs editor-reid[report])")
     _add_root(p)
     p.set_defaults(func=_cmd_test)
 
@@ -425,8 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (config.yaml, metrics.jsonl, checkpoints/)")
     p.add_argument("--weights", default=None, help="checkpoint to evaluate (default: checkpoints/last.pt, else best.pt)")
     p.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
-    p.add_argument("--max-queries", type=_integer(1), default=8,
+    p.add_argument("--max-queries", type=_integer(0), default=8,
                    help="rank lists shown: half the hardest queries, half random ones")
+    p.add_argument("--query", action="append", default=[], metavar="INDEX|FILE",
+                   help="also show this query's rank list: its index in the query split, or an image path or file "
+                        "name of it (repeatable)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(func=_cmd_report)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 import editor_reid
 from editor_reid.config import Config, ConfigError, load_config, validate_config
@@ -28,6 +27,7 @@ from editor_reid.engine.tables import format_metrics_table
 from editor_reid.engine.train import train
 from editor_reid.engine.visualize import (
     OBJECT_PATCH_THRESHOLD,
+    mask_at_size,
     patch_object_fraction,
     render_token_selection,
     tensor_to_image,
@@ -98,20 +98,13 @@ def token_selection_report(cfg: Config, model, splits, out_png: Path, seed: int)
         offset += token_mask.shape[0]
     selected = np.concatenate(masks)
     on_object = np.stack([
-        patch_object_fraction(_resize_mask(load_mask(s, "RGB"), size), grid) >= OBJECT_PATCH_THRESHOLD
+        patch_object_fraction(mask_at_size(load_mask(s, "RGB"), size), grid) >= OBJECT_PATCH_THRESHOLD
         for s in samples
     ])
     stats = token_object_overlap(selected, on_object, seed)
     indices = [p.pop("_index") for p in picture]
     render_token_selection(picture, [selected[i] for i in indices], grid, out_png, titles=titles)
     return stats
-
-
-def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = size
-    if mask.shape == (h, w):
-        return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
 
 
 def run_demo(out: str | Path, seed: int = 1111, json_out: str | Path | None = None, epochs: int | None = None, *,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,10 @@ from editor_reid.engine.acceleration import maybe_compile
 from editor_reid.engine.checkpoint import CheckpointError
 from editor_reid.engine.inference import (
     METRIC_KEYS,
+    FeatureCache,
     FeatureSet,
     build_eval_loaders,
     evaluate_features,
-    extract_features,
     summarize,
 )
 from editor_reid.engine.logging_utils import ensure_console_log
@@ -37,7 +37,7 @@ from editor_reid.features.store import FeatureFile, FeatureFileError, load_featu
 from editor_reid.modalities import cross_modality_pairs, modality_subsets, pair_name, subset_name
 from editor_reid.model import build_model, is_official_state_dict, load_official_checkpoint, official_model_sizes
 
-__all__ = ["run_test", "evaluate_feature_file", "load_weights", "LoadedWeights", "model_for_checkpoint"]
+__all__ = ["run_test", "evaluate_feature_file", "load_weights", "LoadedWeights", "model_for_checkpoint", "TestRun"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,21 @@ class LoadedWeights:
     metrics: dict | None = None
     config: dict | None = None
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TestRun:
+    """What :func:`run_test` had at hand after its evaluation, for a follow-up (``test --report``
+    builds the HTML report from it without loading or extracting anything twice)."""
+
+    cfg: Config
+    weights: Path
+    model: nn.Module  # in eval mode, on ``device``
+    loaded: LoadedWeights
+    splits: Any  # DatasetSplits with query and gallery
+    features: FeatureCache  # the features extracted so far, and the way to extract more
+    device: torch.device
+    result: dict  # what run_test returns
 
 
 def _fit_error(path: str | Path, what: str, exc: RuntimeError) -> CheckpointError:
@@ -209,22 +224,12 @@ def _row_plan(cfg: Config, missing: str | None, cross: str | None, query_modalit
     return "full", {subset_name(inputs): (inputs, inputs)}
 
 
-def _evaluate_rows(cfg: Config, model: nn.Module, splits, device: torch.device,
-                   plan: Mapping[str, tuple[Subset, Subset]], rerank: bool) -> dict[str, dict[str, float]]:
+def _evaluate_rows(cfg: Config, features: FeatureCache, protocol: str, plan: Mapping[str, tuple[Subset, Subset]],
+                   rerank: bool) -> dict[str, dict[str, float]]:
     """One metrics row per planned (query modalities, gallery modalities) pair. Each side's
     features for a modality subset are extracted once and shared by every row that uses them;
     where query and gallery are one sample list (RGBNT201), so are their features."""
-    query_loader, gallery_loader = build_eval_loaders(cfg, splits)
-    extracted: dict[tuple[str, Subset], FeatureSet] = {}
-
-    def features(side: str, subset: Subset) -> FeatureSet:
-        side = side if gallery_loader is not None else "query"
-        if (side, subset) not in extracted:
-            loader = query_loader if side == "query" else gallery_loader
-            extracted[side, subset] = extract_features(model, loader, device, modalities=subset)
-        return extracted[side, subset]
-
-    return {name: summarize(evaluate_features(cfg, features("query", q), features("gallery", g), splits.protocol,
+    return {name: summarize(evaluate_features(cfg, features.get("query", q), features.get("gallery", g), protocol,
                                               rerank=rerank))
             for name, (q, g) in plan.items()}
 
@@ -275,7 +280,7 @@ def _write_json(json_out: str | Path | None, result: dict) -> None:
 def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing: str | None = None,
              cross: str | None = None, query_modalities: str | Sequence[str] | None = None,
              gallery_modalities: str | Sequence[str] | None = None, json_out: str | Path | None = None,
-             device: str | None = None, quiet: bool = False) -> dict:
+             device: str | None = None, quiet: bool = False, then: Callable[[TestRun], Any] | None = None) -> dict:
     """Evaluate ``weights`` on the test split of ``cfg.datasets.names`` and print a table.
 
     ``missing="all"`` evaluates every non-empty subset of the configured modalities (absent
@@ -290,6 +295,7 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     Returns (and writes to ``json_out``) the metrics as fractions: ``{"mAP", "rank1", "rank5",
     "rank10", "mINP"}``, or with ``missing`` one such dict per subset plus ``"average"``, or with
     ``cross`` one per pair (``"RGB->NI"``), ``"average"`` (of the pairs) and ``"RGB+NI+TI"``.
+    ``then`` is called last with the :class:`TestRun` (the report hooks in there).
     """
     kind, plan = _row_plan(cfg, missing, cross, query_modalities, gallery_modalities)
     ensure_console_log()
@@ -304,7 +310,8 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     _check_cameras(model, splits, weights)
     maybe_compile(model.to(dev).eval(), cfg)
     rerank = rerank or cfg.test.re_ranking
-    rows = _evaluate_rows(cfg, model, splits, dev, plan, rerank)
+    features = FeatureCache(model, *build_eval_loaders(cfg, splits), dev, keep_token_masks=then is not None)
+    rows = _evaluate_rows(cfg, features, splits.protocol, plan, rerank)
     if kind == "missing":
         rows["average"] = _average(list(rows.values()))
     elif kind == "cross":
@@ -314,6 +321,8 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     if not quiet:
         _print_report(cfg, weights, loaded, splits, rows, kind, plan, rerank)
     _write_json(json_out, result)
+    if then is not None:
+        then(TestRun(cfg, Path(weights), model, loaded, splits, features, dev, result))
     return result
 
 

@@ -18,6 +18,7 @@ from editor_reid.engine.solver import autocast_context
 from editor_reid.modalities import MODALITIES
 
 __all__ = [
+    "FeatureCache",
     "FeatureSet",
     "extract_features",
     "evaluate_features",
@@ -39,6 +40,7 @@ class FeatureSet:
     pids: np.ndarray  # [N] int64
     camids: np.ndarray  # [N] int64
     sceneids: np.ndarray  # [N] int64
+    token_masks: np.ndarray | None = None  # [N, patches] bool: SFTS's kept tokens (keep_token_masks=True)
 
     def __iter__(self):  # allows ``feats, pids, camids, sceneids = extract_features(...)``
         return iter((self.feats, self.pids, self.camids, self.sceneids))
@@ -59,13 +61,14 @@ def batch_images(batch: dict, device: torch.device, present: Sequence[str] | Non
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Iterable[dict], device: torch.device | str, amp: str = "none",
-                     modalities: Sequence[str] | None = None) -> FeatureSet:
+                     modalities: Sequence[str] | None = None, keep_token_masks: bool = False) -> FeatureSet:
     """Run ``model`` (in eval mode) over ``loader`` and return the retrieval features.
 
     Features are accumulated on the device and copied to the host once at the end, so there is
     no host synchronisation per batch; ids come from the collated batch (already on the host).
     ``modalities``: those of the batch's modalities that carry data; the model fills the rest
-    with zero images (missing-modality tests).
+    with zero images (missing-modality tests). ``keep_token_masks``: also keep each sample's
+    selected-token mask (the model's ``last_token_mask``; EDITOR sets it on every forward).
     The model's train/eval mode is restored afterwards.
     """
     device = torch.device(device)
@@ -75,6 +78,7 @@ def extract_features(model: nn.Module, loader: Iterable[dict], device: torch.dev
     pids: list[torch.Tensor] = []
     camids: list[torch.Tensor] = []
     sceneids: list[torch.Tensor] = []
+    token_masks: list[torch.Tensor] = []
     try:
         for batch in loader:
             images = batch_images(batch, device, modalities)
@@ -82,6 +86,8 @@ def extract_features(model: nn.Module, loader: Iterable[dict], device: torch.dev
             with autocast_context(device, amp):
                 feat = model(images, cams)  # [B, 3D]
             chunks.append(feat.float())
+            if keep_token_masks:
+                token_masks.append(unwrap_model(model).last_token_mask.cpu())
             pids.append(torch.as_tensor(batch["pid"]))
             camids.append(torch.as_tensor(batch["camid"]))
             sceneids.append(torch.as_tensor(batch.get("sceneid", torch.full_like(batch["pid"], -1))))
@@ -101,7 +107,40 @@ def extract_features(model: nn.Module, loader: Iterable[dict], device: torch.dev
         pids=torch.cat(pids).numpy().astype(np.int64),
         camids=torch.cat(camids).numpy().astype(np.int64),
         sceneids=torch.cat(sceneids).numpy().astype(np.int64),
+        token_masks=torch.cat(token_masks).numpy().astype(bool) if keep_token_masks else None,
     )
+
+
+class FeatureCache:
+    """The query and gallery features of one test split per fed modality subset, each extracted
+    once on first use (``get(side, subset)``). Where query and gallery are one sample list
+    (RGBNT201, ``gallery_loader`` None) the gallery side is the query side. The token masks are
+    kept too when ``keep_token_masks``."""
+
+    def __init__(self, model: nn.Module, query_loader: Iterable[dict], gallery_loader: Iterable[dict] | None,
+                 device: torch.device | str, *, amp: str = "none", keep_token_masks: bool = False):
+        self.model = model
+        self.loaders = {"query": query_loader, "gallery": gallery_loader}
+        self.device = device
+        self.amp = amp
+        self.keep_token_masks = keep_token_masks
+        self._features: dict[tuple[str, tuple[str, ...]], FeatureSet] = {}
+
+    def _key(self, side: str, subset: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+        if side not in self.loaders:
+            raise ValueError(f"side must be 'query' or 'gallery', got {side!r}")
+        return (side if self.loaders["gallery"] is not None else "query", tuple(subset))
+
+    def put(self, side: str, subset: Sequence[str], features: FeatureSet) -> None:
+        """Use ``features`` for this side and subset (features computed elsewhere)."""
+        self._features[self._key(side, subset)] = features
+
+    def get(self, side: str, subset: Sequence[str]) -> FeatureSet:
+        key = self._key(side, subset)
+        if key not in self._features:
+            self._features[key] = extract_features(self.model, self.loaders[key[0]], self.device, amp=self.amp,
+                                                   modalities=key[1], keep_token_masks=self.keep_token_masks)
+        return self._features[key]
 
 
 def evaluate_features(cfg: Config, query: FeatureSet, gallery: FeatureSet, protocol: str, *,

@@ -17,6 +17,8 @@ from PIL import Image, ImageDraw
 __all__ = [
     "OBJECT_PATCH_THRESHOLD",
     "tensor_to_image",
+    "highlight_tokens",
+    "mask_at_size",
     "patch_object_fraction",
     "token_object_overlap",
     "render_token_selection",
@@ -35,6 +37,14 @@ def tensor_to_image(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     std_t = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
     pixels = (x.detach().float().cpu() * std_t + mean_t).clamp(0, 1)
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8))
+
+
+def mask_at_size(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A bool [h, w] object mask resized (nearest) to ``size`` = (H, W), the model's input."""
+    h, w = size
+    if mask.shape == (h, w):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 127
 
 
 def patch_object_fraction(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -77,7 +87,9 @@ def token_object_overlap(selected: np.ndarray, on_object: np.ndarray, seed: int)
     }
 
 
-def _highlight(image: Image.Image, keep: np.ndarray, grid: tuple[int, int], scale: int) -> Image.Image:
+def highlight_tokens(image: Image.Image, keep: np.ndarray, grid: tuple[int, int], scale: int = 1) -> Image.Image:
+    """``image`` enlarged ``scale`` times with the kept patches (bool [gh * gw]) bright and
+    outlined, the others dimmed."""
     gh, gw = grid
     w, h = image.size
     image = image.resize((w * scale, h * scale), Image.NEAREST)
@@ -119,7 +131,7 @@ def render_token_selection(samples: Sequence[dict[str, Image.Image]], masks: Seq
         if titles is not None:
             draw.multiline_text((4, y + cell_h // 2 - 12), titles[i], fill=(0, 0, 0))
         for j, modality in enumerate(modalities):
-            canvas.paste(_highlight(images[modality].convert("RGB"), keep, grid, scale),
+            canvas.paste(highlight_tokens(images[modality].convert("RGB"), keep, grid, scale),
                          (title_w + gap + j * (cell_w + gap), y))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

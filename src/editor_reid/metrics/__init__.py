@@ -5,6 +5,7 @@ Public API:
     evaluate_features(qf, gf, ...)      the same, from features, memory-bounded
     pairwise_distance(qf, gf, metric, normalize, chunk_size)
     tpr_at_fpr(distmat, ...)            verification TPR at fixed FPRs (fast-reid ROC protocol)
+    pair_roc(distmat, ...)              the (fpr, tpr) curve those TPRs are read from
     re_ranking(q_g, q_q, g_g, k1, k2, lambda_value)   k-reciprocal re-ranking (Zhong et al. 2017)
     query_expansion(qf, gf, qe_k, alpha)   alpha query expansion (fast-reid aqe)
 """
@@ -12,11 +13,12 @@ Public API:
 from .distance import pairwise_distance
 from .rank import evaluate_features, evaluate_rank
 from .rerank import query_expansion, re_ranking
-from .roc import tpr_at_fpr
+from .roc import pair_roc, tpr_at_fpr
 
 __all__ = [
     "evaluate_features",
     "evaluate_rank",
+    "pair_roc",
     "pairwise_distance",
     "query_expansion",
     "re_ranking",

@@ -242,8 +242,10 @@ class _Accumulator:
     depend on the chunking.
     """
 
-    def __init__(self, max_rank: int):
+    def __init__(self, max_rank: int, per_query: bool = False):
         self.max_rank = max_rank
+        self.per_query = per_query
+        self.query_aps: list[np.ndarray] = []  # every row's AP, NaN where skipped (per_query only)
         self.aps: list[np.ndarray] = []
         self.inps: list[np.ndarray] = []
         self.first_ranks: list[np.ndarray] = []
@@ -254,6 +256,8 @@ class _Accumulator:
         self.inps.append(s.inp[s.valid])
         self.first_ranks.append(s.first_rank[s.valid])
         self.num_skipped += int((~s.valid).sum())
+        if self.per_query:
+            self.query_aps.append(np.where(s.valid, s.ap, np.nan))
 
     def result(self) -> dict[str, Any]:
         first = np.concatenate(self.first_ranks) if self.first_ranks else np.zeros(0, np.int64)
@@ -265,7 +269,7 @@ class _Accumulator:
             counts = np.bincount(np.minimum(first, self.max_rank + 1), minlength=self.max_rank + 2)
             cmc = np.cumsum(counts[1 : self.max_rank + 1]) / n
             hit = lambda k: float(np.count_nonzero(first <= k)) / n  # noqa: E731
-        return {
+        out = {
             "mAP": float(np.concatenate(self.aps).sum() / n) if n else 0.0,
             "mINP": float(np.concatenate(self.inps).sum() / n) if n else 0.0,
             "cmc": cmc,
@@ -275,6 +279,9 @@ class _Accumulator:
             "num_valid_queries": n,
             "num_skipped_queries": self.num_skipped,
         }
+        if self.per_query:
+            out["query_ap"] = np.concatenate(self.query_aps) if self.query_aps else np.zeros(0)
+        return out
 
 
 def _rank_block(
@@ -316,6 +323,7 @@ def evaluate_rank(
     protocol: str = "same_camera",
     max_rank: int = 50,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    per_query: bool = False,
 ) -> dict[str, Any]:
     """mAP / CMC / mINP of a [Q, G] distance matrix (NumPy array or torch tensor).
 
@@ -332,6 +340,9 @@ def evaluate_rank(
     ``protocol``: ``"same_camera"`` (RGBNT201, RGBNT100, Market1501-MM) or ``"same_scene"``
     (MSVR310; needs ``q_sceneids`` and ``g_sceneids``). Distances must be finite. Rows are
     processed ``chunk_size`` at a time; float32 inputs are not copied.
+
+    ``per_query=True`` adds ``query_ap``: float64 [Q], the AP of every query row, NaN for the
+    skipped ones (their mean over the valid rows is ``mAP``).
     """
     max_rank = _check_max_rank(max_rank)
     chunk_size = check_chunk_size(chunk_size)
@@ -342,7 +353,7 @@ def evaluate_rank(
     qp, gp, qk, gk = _labels(
         num_q, num_g, q_pids, g_pids, q_camids, g_camids, q_sceneids, g_sceneids, protocol
     )
-    acc = _Accumulator(max_rank)
+    acc = _Accumulator(max_rank, per_query)
     gallery = _GalleryIndex(gp, gk)
     for start in range(0, num_q, chunk_size):
         stop = min(start + chunk_size, num_q)
@@ -367,6 +378,7 @@ def evaluate_features(
     normalize: bool = True,
     max_rank: int = 50,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    per_query: bool = False,
 ) -> dict[str, Any]:
     """`evaluate_rank` straight from features, never holding the full distance matrix.
 
@@ -389,7 +401,7 @@ def evaluate_features(
         g_sceneids,
         protocol,
     )
-    acc = _Accumulator(max_rank)
+    acc = _Accumulator(max_rank, per_query)
     gallery = _GalleryIndex(gp, gk)
     for start, stop, block in blocks.chunks(chunk_size):
         check_distances(block, "distances computed from qf/gf")

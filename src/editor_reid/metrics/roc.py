@@ -53,7 +53,7 @@ def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr, tpr
 
 
-def tpr_at_fpr(
+def pair_roc(
     distmat: Any,
     q_pids: Any,
     g_pids: Any,
@@ -63,14 +63,11 @@ def tpr_at_fpr(
     q_sceneids: Any = None,
     g_sceneids: Any = None,
     protocol: str = "same_camera",
-    fprs: Sequence[float] = DEFAULT_FPRS,
     convention: str = "verification",
-) -> dict[float, float]:
-    """``{fpr: tpr}`` for each target FPR (default 1e-4, 1e-3, 1e-2) from a [Q, G] distmat.
-
-    See the module docstring for the pair set, the ROC and ``convention``. Returns NaN TPRs when
-    there is no positive or no negative pair (the ROC is undefined then).
-    """
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC ``(fpr, tpr)`` over the kept query-gallery pairs of a [Q, G] distmat (see the
+    module docstring for the pair set and ``convention``); NaN arrays when there is no positive
+    or no negative pair."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     d = to_numpy(distmat, "distmat")
@@ -89,15 +86,37 @@ def tpr_at_fpr(
     dist = d[kept].astype(np.float64)
     positive = same[kept]
     if convention == "verification":
-        fpr, tpr = roc_curve(positive, -dist)
-    else:
-        fpr, tpr = roc_curve(~positive, dist)
-    out: dict[float, float] = {}
-    for target in fprs:
-        if not 0.0 <= float(target) <= 1.0:
-            raise ValueError(f"target FPRs must lie in [0, 1], got {target!r}")
-        if np.isnan(fpr).any() or np.isnan(tpr).any():
-            out[target] = float("nan")
-        else:
-            out[target] = float(tpr[np.argmin(np.abs(fpr - target))])
-    return out
+        return roc_curve(positive, -dist)
+    return roc_curve(~positive, dist)
+
+
+def tpr_at_fpr(
+    distmat: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    *,
+    q_sceneids: Any = None,
+    g_sceneids: Any = None,
+    protocol: str = "same_camera",
+    fprs: Sequence[float] = DEFAULT_FPRS,
+    convention: str = "verification",
+) -> dict[float, float]:
+    """``{fpr: tpr}`` for each target FPR (default 1e-4, 1e-3, 1e-2) from a [Q, G] distmat.
+
+    See the module docstring for the pair set, the ROC and ``convention``. Returns NaN TPRs when
+    there is no positive or no negative pair (the ROC is undefined then).
+    """
+    fpr, tpr = pair_roc(distmat, q_pids, g_pids, q_camids, g_camids, q_sceneids=q_sceneids, g_sceneids=g_sceneids,
+                        protocol=protocol, convention=convention)
+    return {target: point_at(fpr, tpr, target) for target in fprs}
+
+
+def point_at(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """The TPR of the ROC point whose FPR is nearest to ``target`` (NaN for an undefined ROC)."""
+    if not 0.0 <= float(target) <= 1.0:
+        raise ValueError(f"target FPRs must lie in [0, 1], got {target!r}")
+    if np.isnan(fpr).any() or np.isnan(tpr).any():
+        return float("nan")
+    return float(tpr[np.argmin(np.abs(fpr - target))])

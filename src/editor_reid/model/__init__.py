@@ -12,6 +12,7 @@ from editor_reid.model.editor import (
     EDITOR,
     EditorEvalOutput,
     EditorTrainOutput,
+    SelectionMaps,
     build_model,
     count_parameters,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "OfficialCheckpointError",
     "PretrainedLoadError",
     "PretrainedReport",
+    "SelectionMaps",
     "ViTBackbone",
     "apply_token_mask",
     "build_backbone",

@@ -30,13 +30,14 @@ from torch import nn
 from editor_reid.model.backbone import ViTBackbone, build_backbone
 from editor_reid.model.hma import HMA
 from editor_reid.model.pretrained import load_pretrained
-from editor_reid.model.sfts import SFTS
+from editor_reid.model.sfts import SFTS, frequency_scores, spatial_mask, topk_mask
 from editor_reid.modalities import MODALITIES, absent_like
 
 __all__ = [
     "EDITOR",
     "EditorEvalOutput",
     "EditorTrainOutput",
+    "SelectionMaps",
     "build_model",
     "count_parameters",
 ]
@@ -57,6 +58,17 @@ class EditorTrainOutput:
 class EditorEvalOutput:
     feature: torch.Tensor  # [B, 3D] pre-BN f_HMA
     token_mask: torch.Tensor  # [B, N] bool
+
+
+@dataclass
+class SelectionMaps:
+    """What SFTS's selection came from (:meth:`EDITOR.selection_maps`), for pictures."""
+
+    rollout: torch.Tensor  # [M, B, h, N] per modality (MODALITIES order): CLS row of A_L···A_1 per head
+    frequency_scores: torch.Tensor  # [B, N] the per-patch frequency score
+    spatial: torch.Tensor  # [B, N] bool: the patches the rollout keeps (union over heads and modalities)
+    frequency: torch.Tensor  # [B, N] bool: the top frequency_keep patches
+    mask: torch.Tensor  # [B, N] bool: spatial | frequency, M_U as the forward pass selects it
 
 
 def _bn_neck(dim: int) -> nn.BatchNorm1d:
@@ -177,6 +189,21 @@ class EDITOR(nn.Module):
         """Retrieval feature (pre-BN f_HMA, [B, 3D]) and the selected-token mask, in any mode."""
         feature, mask, _, _ = self._run(images, cam_ids, all_tokens=False)
         return EditorEvalOutput(feature=feature, token_mask=mask)
+
+    @torch.no_grad()
+    def selection_maps(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None = None) -> SelectionMaps:
+        """SFTS's inputs and its two masks for a batch (with the configured budgets and tie
+        rule), whether or not the model uses SFTS; ``mask`` is the ``token_mask`` of
+        :meth:`forward_features` when it does."""
+        inputs = self._stack_inputs(images)
+        batch = inputs[0].shape[0]
+        cams = None if cam_ids is None else cam_ids.to(inputs[0].device).repeat(len(MODALITIES))
+        rollouts = list(self.backbone(torch.cat(inputs, dim=0), cams, rollout=True).rollout.split(batch, dim=0))
+        s = self.sfts
+        spatial = spatial_mask(rollouts, s.head_keep, s.ties)
+        scores = frequency_scores(inputs, s.patch_size, mode=s.frequency_mode)
+        frequency = topk_mask(scores, s.frequency_keep, s.ties)
+        return SelectionMaps(torch.stack(rollouts), scores, spatial, frequency, spatial | frequency)
 
     def forward(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None = None):
         """eval: [B, 3D] feature; train: :class:`EditorTrainOutput`."""
