@@ -23,7 +23,7 @@ from editor_reid.config import dump_config, load_config
 from editor_reid.data.layouts import LAYOUT_NAMES, LayoutError
 from editor_reid.errors import EditorReidError, TrainingInterrupted, UsageError
 
-SUBCOMMANDS = ("demo", "train", "test", "info", "make-synthetic", "check-data", "make-manifest", "extract",
+SUBCOMMANDS = ("demo", "train", "ablate", "test", "info", "make-synthetic", "check-data", "make-manifest", "extract",
                "calibrate", "search", "index", "serve", "export", "report")
 
 

@@ -108,7 +108,7 @@ def test_consistency_checks():
     with pytest.raises(ConfigError, match="multiple"):
         load_config(None, ["solver.ims_per_batch=30", "dataloader.num_instance=4"])
     with pytest.raises(ConfigError, match="datasets.modalities"):
-        load_config(None, ["datasets.modalities=[RGB,XX]"])
+        load_config(None, ["datasets.modalities=[RGB,xx]"])
 
 
 def test_dump_round_trip():

@@ -66,7 +66,7 @@ def test_format_name_round_trips_through_the_parser(layout):
         for camid in range(spec.max_cameras):
             for sceneid in scenes:
                 for view in (0, 1, 7):
-                    name = spec.format_name(pid, camid, sceneid, view)
+                    name = spec.image_key(pid, camid, sceneid, view)  # <vid>/<name> in per-identity layouts
                     assert parse_file_name(layout, name) == (pid, camid, sceneid), name
                     names.add(name)
     assert len(names) == 3 * spec.max_cameras * len(scenes) * 3  # views keep names apart
@@ -227,8 +227,9 @@ def test_statistics_table(tmp_path, capsys):
 def test_known_camera_counts_are_the_layouts_camera_ranges():
     # `info` sizes the SIE camera embedding from these without the data; the parsers bound the
     # camera ids by max_cameras. The two sources must agree for every layout.
-    assert set(KNOWN_TRAIN_STATS) == set(LAYOUTS)
-    assert all(KNOWN_TRAIN_STATS[name][1] == layout.max_cameras for name, layout in LAYOUTS.items())
+    # RGBN300 and WMVeID863 have no statistics we could verify: `info` asks for --root there.
+    assert set(KNOWN_TRAIN_STATS) == set(LAYOUTS) - {"rgbn300", "wmveid863"}
+    assert all(KNOWN_TRAIN_STATS[name][1] == LAYOUTS[name].max_cameras for name in KNOWN_TRAIN_STATS)
 
 
 # ----------------------------------------------------------------------------- generated trees

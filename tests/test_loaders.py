@@ -247,3 +247,19 @@ def test_a_worker_that_breaks_its_queue_is_found_by_its_exit(splits, how):
     assert isinstance(error, DataLoaderWorkerError) and error.pid == pid and error.index == 7
     assert "sample 7" in str(error) and all(path in str(error) for path in splits.gallery[7].paths.values())
     assert ("killed by signal: Killed" if how == "signal" else "exit code 3") in str(error)
+
+
+def test_exit_status_is_added_when_torch_leaves_it_out():
+    # torch's iterator can notice a dead worker before its SIGCHLD handler does; its message then
+    # lacks the status, which the worker process still knows.
+    from types import SimpleNamespace
+
+    from editor_reid.data.loaders import _worker_error
+
+    exc = RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    exited = SimpleNamespace(pid=4242, exitcode=3, join=lambda timeout: None)
+    killed = SimpleNamespace(pid=4242, exitcode=-9, join=lambda timeout: None)
+    other = SimpleNamespace(pid=7, exitcode=1, join=lambda timeout: None)
+    assert "exited unexpectedly with exit code 3" in str(_worker_error(exc, [], fallback=True, workers=[other, exited]))
+    assert "(killed by signal: Killed)" in str(_worker_error(exc, [], fallback=True, workers=[killed]))
+    assert str(_worker_error(exc, [], fallback=True, workers=[other])).endswith("exited unexpectedly)")

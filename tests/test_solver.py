@@ -250,3 +250,119 @@ def test_short_runs_skip_the_warmup_and_never_train_at_the_floor(max_epochs, war
         expected = lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * epoch / (max_epochs + 1)))
         decay = next(g for g in opt.param_groups if g["name"] == "decay")
         assert decay["lr"] == pytest.approx(expected, rel=1e-12) and decay["lr"] > 10 * lr_min
+
+
+# ----------------------------------------------------------------------------- CLIP recipe switches (docs/clip.md)
+
+
+class WithBackbone(nn.Module):
+    """The parameter names of an EDITOR model: a pretrained ViT under backbone.vit, the SIE table
+    beside it, new modules elsewhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.vit = nn.Linear(4, 4)
+        self.backbone.sie_embed = nn.Parameter(torch.zeros(2, 1, 4))
+        self.head = nn.Linear(4, 3)
+
+
+def _names(opt, model) -> dict[str, set[str]]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {g["name"]: {by_id[id(p)] for p in g["params"]} for g in opt.param_groups}
+
+
+def test_backbone_lr_groups_the_pretrained_vit_only():
+    model = WithBackbone()
+    cfg = load_config(None, ["solver.base_lr=3.5e-4", "solver.backbone_lr=5e-6", "solver.weight_decay_bias=0.5"])
+    opt = build_optimizer(cfg, model)
+    assert _names(opt, model) == {
+        "backbone_decay": {"backbone.vit.weight"},
+        "backbone_bias": {"backbone.vit.bias"},
+        "decay": {"backbone.sie_embed", "head.weight"},
+        "bias": {"head.bias"},
+    }
+    groups = _groups(opt)
+    assert groups["backbone_decay"]["lr"] == groups["backbone_bias"]["lr"] == 5e-6  # no bias factor on the tower
+    assert groups["backbone_decay"]["lr_factor"] == pytest.approx(5e-6 / 3.5e-4)
+    assert groups["backbone_bias"]["weight_decay"] == 0.5 and groups["backbone_decay"]["weight_decay"] == 1e-4
+    assert groups["bias"]["lr"] == pytest.approx(7e-4) and groups["decay"]["lr"] == 3.5e-4
+    wrapped = nn.Module()
+    wrapped.module = model  # a DDP-style prefix still finds the tower
+    assert _names(build_optimizer(cfg, wrapped), wrapped)["backbone_decay"] == {"module.backbone.vit.weight"}
+
+
+def test_default_groups_are_unchanged_by_the_clip_switches():
+    model = WithBackbone()
+    opt = build_optimizer(load_config(None), model)
+    assert _names(opt, model) == {"decay": {"backbone.vit.weight", "backbone.sie_embed", "head.weight"},
+                                  "bias": {"backbone.vit.bias", "head.bias"}}
+    assert [(g["lr"], g["weight_decay"], g["lr_factor"]) for g in opt.param_groups] == [(1e-3, 1e-4, 1.0),
+                                                                                       (2e-3, 1e-4, 2.0)]
+    assert isinstance(opt, torch.optim.SGD) and build_scheduler(opt, load_config(None)).noise_range_t is None
+
+
+def test_adam_uses_coupled_l2_weight_decay():
+    # Zero gradient, weight decay only: Adam turns the L2 term into a full-size first step
+    # (|update| = lr), AdamW only shrinks the weight by lr * wd.
+    for name, expected in (("Adam", 1.0 - 0.01), ("AdamW", 1.0 * (1 - 0.01 * 0.1))):
+        param = nn.Parameter(torch.ones(3))
+        holder = nn.Module()
+        holder.w = param
+        cfg = load_config(None, [f"solver.optimizer_name={name}", "solver.base_lr=0.01", "solver.weight_decay=0.1"])
+        opt = build_optimizer(cfg, holder)
+        assert type(opt) is getattr(torch.optim, name)
+        param.grad = torch.zeros(3)
+        opt.step()
+        assert param.detach() == pytest.approx(torch.full((3,), expected), rel=1e-5), name
+
+
+def _demo_noise(seed: int, epoch: int, pct: float) -> float:
+    """timm's LR noise as the CLIP ReID repositories use it (noise_std 1, normal draws)."""
+    g = torch.Generator()
+    g.manual_seed(seed + epoch)
+    while True:
+        n = torch.randn(1, generator=g).item()
+        if abs(n) < pct:
+            return n
+
+
+def test_clip_schedule_warmup_from_shared_init_and_lr_noise():
+    cfg = load_config(CONFIGS / "rgbnt201_clip.yaml")
+    model = WithBackbone()
+    opt = build_optimizer(cfg, model)
+    sched = build_scheduler(opt, cfg)
+    s = cfg.solver
+    init, lr_min = s.base_lr * 0.1, s.base_lr * 0.001  # DeMo: warmup_lr_init 0.1*base, lr_min 0.001*base
+    # The tower's weights and biases share LR and weight decay here, so they share one group.
+    assert _lrs(opt) == pytest.approx([init] * 3, rel=1e-12)  # construction: epoch 0, no noise
+    bases = [g["initial_lr"] for g in opt.param_groups]
+    assert sorted(bases) == pytest.approx([5e-6, 3.5e-4, 7e-4])
+    noisy = 0
+    for epoch in range(1, s.max_epochs + 2):
+        sched.step(epoch)
+        factor = 1 + _demo_noise(42, epoch, 0.67) if epoch < s.max_epochs else 1.0
+        noisy += factor != 1.0
+        for group, base in zip(opt.param_groups, bases):
+            if epoch < s.warmup_iters:  # the tower warms *down* from 3.5e-5 to 5e-6, as in DeMo
+                clean = init + epoch * (base - init) / s.warmup_iters
+            elif epoch < s.max_epochs:
+                clean = lr_min + 0.5 * (base - lr_min) * (1 + math.cos(math.pi * epoch / s.max_epochs))
+            else:
+                clean = lr_min
+            assert group["lr"] == pytest.approx(clean * factor, rel=1e-12), (epoch, group["name"])
+    assert noisy == s.max_epochs - 1
+    other = load_config(CONFIGS / "rgbnt201_clip.yaml", ["solver.lr_noise_seed=7"])
+    opt2 = build_optimizer(other, WithBackbone())
+    assert _lrs_at(build_scheduler(opt2, other), 20) != pytest.approx(_lrs_at(sched, 20))
+
+
+def test_lr_noise_is_checked_for_configs_built_in_code():
+    cfg = load_config(None)
+    cfg.solver.lr_noise = 1.0
+    with pytest.raises(ValueError, match="solver.lr_noise"):
+        build_scheduler(build_optimizer(cfg, Tiny()), cfg)
+    cfg = load_config(None)
+    cfg.solver.backbone_lr = -1.0
+    with pytest.raises(ValueError, match="solver.backbone_lr"):
+        build_optimizer(cfg, Tiny())

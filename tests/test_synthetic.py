@@ -71,15 +71,17 @@ def test_masks_mirror_every_image(trees, layout):
     folder = LAYOUTS[layout].dataset_folder
     for sample in splits.train[:6] + splits.query[:3]:
         images = read_sample_images(sample)
-        for m in MODALITIES:
+        assert tuple(sample.paths) == LAYOUTS[layout].modalities
+        for m in LAYOUTS[layout].modalities:
             mask_file = mask_path_for(sample.paths[m])
             assert mask_file.is_file()
             assert f"{folder}_masks" in mask_file.parts and mask_file.suffix == ".png"
             mask = load_mask(sample, m)
             assert mask.shape == (images[m].height, images[m].width)
             assert 0.03 < mask.mean() < 0.8  # an object is there and does not fill the frame
-    if layout == "rgbnt100":
-        assert Image.open(mask_path_for(splits.train[0].paths["RGB"])).size == (768, 128)
+    if layout in ("rgbnt100", "rgbn300"):  # strip masks, as wide as the strips
+        width = 256 * len(LAYOUTS[layout].modalities)
+        assert Image.open(mask_path_for(splits.train[0].paths["RGB"])).size == (width, 128)
 
 
 def test_mask_path_for_mirrors_the_relative_path(tmp_path):

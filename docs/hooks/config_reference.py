@@ -100,8 +100,10 @@ NOTES: dict[str, str] = {
         "warning, instead of stopping. See [Bad images](datasets.md#bad-images)."
     ),
     "datasets.modalities": (
-        "Non-empty subset of `RGB`, `NI`, `TI`; a modality left out is fed as a zero tensor "
-        "after normalisation."
+        "The model's modalities: 1 to 8 upper-case names (`RGB`, `NI`, `TI`, or one's own such as "
+        "`DEPTH`), put in the model's order (RGB, NI, TI first). HMA has one block per modality and "
+        "the feature is M·D wide ([Any set of modalities](modalities.md)); a modality a sample lacks "
+        "is fed as a zero image after normalisation."
     ),
     "dataloader.sampler": "Kept so that official config files load; training always uses the P×K identity sampler.",
     "dataloader.num_instance": "K: images per identity in a training batch (`solver.ims_per_batch` must be a multiple).",

@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 
 import editor_reid
-from editor_reid.config import MAX_SEED, ConfigError, load_config, resolve_config_path
+from editor_reid.config import MAX_SEED, PRESET_DIR, ConfigError, load_config, resolve_config_path
 from editor_reid.data.layouts import LAYOUT_NAMES, SPLIT_NAMES
 from editor_reid.errors import EditorReidError
 
@@ -236,6 +236,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from editor_reid.engine.ablate import check_overrides, format_ablation, parse_rows, run_ablation
+
+    rows = parse_rows(args.rows)
+    check_overrides(rows, args.overrides)
+    result = run_ablation(_load(args), rows, [int(s) for s in args.seeds.split(",") if s.strip()], json_out=args.json)
+    if result is not None:  # under torchrun, rank 0 has it
+        print(format_ablation(result))
+    return 0
+
+
 def _build_run_report(run_dir: Path) -> Path:
     from editor_reid.report import build_report
 
@@ -397,7 +408,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML file or preset name (rgbnt201, rgbnt100, msvr310, market1501mm, demo)")
+    presets = ", ".join(sorted(path.stem for path in PRESET_DIR.glob("*.yaml")))
+    p.add_argument("--config", required=required, help=f"YAML file or preset name ({presets})")
     p.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE",
         help="dotted config overrides, anywhere after the subcommand, e.g. solver.base_lr=0.002",
@@ -442,6 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the HTML report written to RUN_DIR/report.html at the end (needs editor-reid[report])")
     _add_root(p)
     p.set_defaults(func=_cmd_train)
+
+    p = command("ablate", "the paper's module ablation: rows A-F (SFTS, HMA, BCC, OCFR) x seeds, one table of "
+                          "mean ± std; re-running the same command continues it")
+    _add_config_args(p)
+    p.add_argument("--rows", default="A,B,C,D,E,F", metavar="R[,R]",
+                   help="comma-separated rows: A plain shared ViT, B +HMA, C +SFTS, D +BCC, E +OCFR (no BCC), F all")
+    p.add_argument("--seeds", type=_seed_list, default="1111,2222,3333", metavar="S[,S]",
+                   help="comma-separated seeds; every row trains one run per seed in OUTPUT_DIR/row_R/seed_S")
+    p.add_argument("--json", default=None, metavar="FILE.json",
+                   help="also write the result as JSON to this file (it always goes to OUTPUT_DIR/ablation.json)")
+    _add_root(p)
+    p.set_defaults(func=_cmd_ablate)
 
     p = command("test", "evaluate a checkpoint (ours or official), or a feature file")
     _add_config_args(p, required=False)

@@ -23,7 +23,7 @@ import yaml
 
 from editor_reid.data.layouts import DATASET_NAMES, MANIFEST, PROTOCOLS
 from editor_reid.errors import UsageError
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, canonical_order, check_modalities
 
 __all__ = [
     "Config",
@@ -74,6 +74,7 @@ class ModelConfig:
     att_drop_rate: float = 0.0
     sie_camera: bool = True
     sie_coe: float = 3.0
+    sie_tokens: str = "all"  # "all" (EDITOR: every token) | "cls" (the CLIP ReID papers: the class token only)
     # SFTS
     sfts: bool = True  # False: keep every token (ablation rows A/B)
     head_keep: int = 2
@@ -118,7 +119,7 @@ class InputConfig:
 
 @dataclass
 class DatasetsConfig:
-    names: str = "rgbnt201"  # "rgbnt201" | "rgbnt100" | "msvr310" | "market1501mm" | "manifest"
+    names: str = "rgbnt201"  # "rgbnt201" | "rgbnt100" | "msvr310" | "market1501mm" | "rgbn300" | "wmveid863" | "manifest"
     root_dir: str = "./data"
     # The CSV file that lists the samples when names is "manifest" (relative to the current directory).
     manifest: str = ""
@@ -136,9 +137,10 @@ class DataloaderConfig:
 
 @dataclass
 class SolverConfig:
-    optimizer_name: str = "SGD"  # "SGD" | "AdamW"
+    optimizer_name: str = "SGD"  # "SGD" | "Adam" | "AdamW"
     max_epochs: int = 70
     base_lr: float = 0.001
+    backbone_lr: float = 0.0  # >0: the pretrained ViT's tensors (weights and biases) train at this LR (docs/clip.md)
     bias_lr_factor: float = 2.0
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -147,6 +149,8 @@ class SolverConfig:
     warmup_iters: int = 10  # epochs, as in the official schedule
     warmup_factor: float = 0.01
     eta_min_factor: float = 0.001  # cosine floor = base_lr * eta_min_factor
+    lr_noise: float = 0.0  # >0: timm's LR noise (noise_pct) on every epoch, as the CLIP ReID recipes (docs/clip.md)
+    lr_noise_seed: int = 42  # epoch t draws its LR noise from a generator seeded lr_noise_seed + t
     margin: float = 0.3
     seed: int = 1111
     amp: str = "none"  # "none" | "fp16" | "bf16"
@@ -189,10 +193,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.sfts_ties": ("torch", "lower_index"),
     "model.triplet_scope": ("global", "local"),
     "model.ocfr_scope": ("global", "local"),
+    "model.sie_tokens": ("all", "cls"),
     "input.aug_mode": ("independent", "synchronized"),
     "datasets.names": DATASET_NAMES,
     "datasets.protocol": ("", *PROTOCOLS),
-    "solver.optimizer_name": ("SGD", "AdamW"),
+    "solver.optimizer_name": ("SGD", "Adam", "AdamW"),
     "solver.amp": AMP_CHOICES,
     "test.distance": ("euclidean", "cosine"),
 }
@@ -290,6 +295,7 @@ _RULES: dict[str, Bound] = {
     "dataloader.num_workers": _AT_LEAST_0,
     "solver.max_epochs": _AT_LEAST_1,
     "solver.base_lr": _POSITIVE,
+    "solver.backbone_lr": _NON_NEGATIVE,  # 0 = the backbone follows base_lr / bias_lr_factor
     "solver.bias_lr_factor": _NON_NEGATIVE,  # 0 freezes the biases
     "solver.momentum": Bound(0.0, 1.0, high_open=True),  # 1 would never forget a gradient
     "solver.weight_decay": _NON_NEGATIVE,
@@ -298,6 +304,8 @@ _RULES: dict[str, Bound] = {
     "solver.warmup_iters": _AT_LEAST_0,
     "solver.warmup_factor": _POSITIVE,
     "solver.eta_min_factor": _NON_NEGATIVE,
+    "solver.lr_noise": Bound(0.0, 1.0, high_open=True),  # timm's noise_pct: |noise| < lr_noise, so the LR stays > 0
+    "solver.lr_noise_seed": Bound(0, MAX_SEED),
     "solver.margin": _NON_NEGATIVE,
     "solver.seed": Bound(0, MAX_SEED),
     "solver.checkpoint_period": _AT_LEAST_0,  # 0 = never
@@ -581,12 +589,11 @@ def validate_config(cfg: Config) -> None:
             raise ConfigError(
                 f"config key '{rule.first}' ({first}) must be {rule.phrase} '{rule.second}' ({second}): {rule.why}"
             )
-    bad = [m for m in cfg.datasets.modalities if m not in MODALITIES]
-    if bad or not cfg.datasets.modalities:
-        raise ConfigError(
-            f"config key 'datasets.modalities': expected a non-empty subset of {list(MODALITIES)}, "
-            f"got {_show(cfg.datasets.modalities)}"
-        )
+    problem = check_modalities(cfg.datasets.modalities)
+    if problem:
+        raise ConfigError(f"config key 'datasets.modalities' ({_show(cfg.datasets.modalities)}): {problem}")
+    # The model stacks the modalities in one order, so every table names a subset the same way.
+    cfg.datasets.modalities = list(canonical_order(cfg.datasets.modalities))
     datasets = cfg.datasets
     if datasets.names == MANIFEST and not datasets.manifest.strip():
         raise ConfigError(f"config key 'datasets.manifest': datasets.names is '{MANIFEST}', so it must name the CSV "

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from editor_reid.errors import EditorReidError
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, canonical_order
 
 __all__ = [
     "cross_entropy_label_smooth",
@@ -131,9 +131,10 @@ def bcc_loss(tokens: Mapping[str, torch.Tensor], mask: torch.Tensor) -> torch.Te
     ``mask``: [B, N] bool, True = selected (foreground, M_U). Background patch tokens are
     compared pairwise across modalities with an MSE whose mean runs over ALL B*N*D elements
     (foreground zeros count in the denominator, as in the official code). Pairs follow the
-    order RGB, NI, TI: three modalities give three terms, two give one, one gives 0.
+    order RGB, NI, TI (then any other modality as given; :func:`canonical_order`): M modalities give
+    M(M-1)/2 terms (three give three, two give one, one gives 0).
     """
-    names = sorted(tokens, key=lambda m: MODALITIES.index(m) if m in MODALITIES else len(MODALITIES))
+    names = canonical_order(list(tokens))
     if len(names) < 2:
         any_tokens = next(iter(tokens.values()), None)
         device = any_tokens.device if any_tokens is not None else mask.device
@@ -298,7 +299,7 @@ class EditorCriterion(nn.Module):
         self.ocfr = OCFRLoss(
             num_classes,
             dim,
-            MODALITIES,
+            canonical_order(cfg.datasets.modalities),
             momentum=m.ocfr_momentum,
             weight=m.ocfr_weight,
             all_reduce=all_reduce if m.ocfr_scope == "global" else None,

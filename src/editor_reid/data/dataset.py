@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from editor_reid.data.layouts import Sample
 from editor_reid.errors import EditorReidError
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, canonical_order, check_modalities
 
 __all__ = ["BadImageError", "open_image", "to_rgb", "read_image", "read_sample_images", "MultiModalDataset"]
 
@@ -107,7 +107,7 @@ def read_image(path: str) -> Image.Image:
 
 def read_sample_images(sample: Sample, modalities: Sequence[str] = MODALITIES) -> dict[str, Image.Image]:
     """The sample's images for those of ``modalities`` it has (a manifest row may lack some);
-    RGBNT100 strips are read once and cut by column."""
+    strips (RGBNT100, RGBN300) are read once and cut by column, in the sample's strip order."""
     wanted = modalities
     modalities = [m for m in modalities if m in sample.paths]
     if not modalities:
@@ -118,13 +118,13 @@ def read_sample_images(sample: Sample, modalities: Sequence[str] = MODALITIES) -
         return {m: read_image(sample.paths[m]) for m in modalities}
     strip_path = sample.paths[modalities[0]]
     strip = read_image(strip_path)
-    width = sample.crop * len(MODALITIES)
+    width = sample.crop * len(sample.strip)
     if strip.width != width:
-        raise BadImageError(strip_path, f"is {strip.width} wide; a R|N|T strip must be {width} wide")
+        raise BadImageError(strip_path, f"is {strip.width} wide; a {'|'.join(sample.strip)} strip must be {width} wide")
     out = {}
     for m in modalities:
-        i = MODALITIES.index(m)
-        out[m] = strip.crop((i * sample.crop, 0, (i + 1) * sample.crop, strip.height))
+        left, right = sample.strip_columns(m)
+        out[m] = strip.crop((left, 0, right, strip.height))
     return out
 
 
@@ -155,13 +155,13 @@ class MultiModalDataset(Dataset):
         skip_bad_images: bool = False,
         reading: torch.Tensor | None = None,
     ):
-        unknown = [m for m in modalities if m not in MODALITIES]
-        if unknown or not modalities:
-            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {list(modalities)}")
+        problem = check_modalities(list(modalities))
+        if problem:
+            raise ValueError(f"modalities {list(modalities)}: {problem}")
         self.samples = list(samples)
         self.transform = transform
-        # Keep the canonical order so a strip's columns and the output keys line up.
-        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        # The canonical order for the output keys; a strip's columns follow ``Sample.strip``.
+        self.modalities = canonical_order(modalities)
         self.skip_bad_images = skip_bad_images
         self.num_skipped = 0
         self.reading = reading

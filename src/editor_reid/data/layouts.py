@@ -14,7 +14,19 @@ msvr310    ``MSVR310/{bounding_box_train,query3,bounding_box_test}/   ``0012_s00
            <vid>/{vis,ni,th}/*.jpg``
 market1501 ``Market1501-MM/{train,query,gallery}/{RGB,NI,TI}/*.jpg``  ``0012_c3s1_000451_00.jpg``
 mm
+rgbn300    ``RGBN300/rgbir/{bounding_box_train,query,                 ``0012_c003_000004.jpg``
+           bounding_box_test}/*.jpg`` (512×128 strips R|N, no TI)
+wmveid863  ``WMVEID863/{train,query,test}/<vid>/{vis,ni,th}/*.jpg``   ``0012/v3_n1_s001.jpg``
+                                                                      (pid = the folder)
 ========== ========================================================== ==========================
+
+RGBN300 and WMVeID863 follow their public loaders (docs/datasets.md says which): EDITOR's
+``RGBNT300.py`` reads the RGBNT100 regex under ``RGBNT300/rgbir``, while the dataset's authors'
+loader (``ziwang1121/HTT`` ``datasets/rgbn300.py``) and others read ``RGBN300/rgbir``, which we
+read (rename or link EDITOR's folder). WMVeID863 as ``M-c0/MCNet`` and ``wanxixi11/UGG-ReID``
+``data/datasets/WMVEID863.py``: camera = the digit after the leading ``v`` (0-based, used as is),
+a day/night flag ``n0``/``n1`` (parsed and checked, not kept), pid = the vehicle folder; the three
+modalities are paired by file name, not by ``os.listdir`` position as some of those loaders do.
 
 Where the official code depends on unordered ``glob``/``set`` iteration, we sort, so the
 sample order and the train label of every identity (rank of its original pid) are
@@ -61,7 +73,7 @@ __all__ = [
     "format_statistics",
 ]
 
-#: Width in pixels of one modality inside an RGBNT100 strip (the strip is 3 × 256 = 768 wide).
+#: Width in pixels of one modality inside a strip (RGBNT100: 3 × 256 = 768 wide; RGBN300: 2 × 256).
 STRIP_WIDTH = 256
 
 #: (train identities, cameras) of the real benchmarks, for summaries without the data on disk.
@@ -76,11 +88,14 @@ class LayoutError(EditorReidError, ValueError):
 class Sample:
     """One multi-modal observation of an identity.
 
-    ``paths`` maps each modality ("RGB", "NI", "TI") the sample has to its image file (every
-    benchmark sample has all three; a manifest row may leave some out). For RGBNT100 all three
-    point at the same strip and ``crop`` is the width of one modality's column block: modality
-    ``i`` (in ``MODALITIES`` order) is columns ``[i*crop, (i+1)*crop)``. ``sceneid`` is only
-    known for MSVR310 (-1 elsewhere).
+    ``paths`` maps each modality the sample has to its image file (a benchmark sample has those
+    of its layout, ``Layout.modalities``; a manifest row may leave some out). For a strip
+    (RGBNT100, RGBN300) every modality points at the same file, ``crop`` is the width of one
+    modality's column block and ``strip`` names the blocks in column order: modality ``m`` is
+    columns ``[i*crop, (i+1)*crop)`` with ``i = strip.index(m)`` (see :meth:`strip_columns`).
+    A sample with a ``crop`` and no ``strip`` gets ``MODALITIES`` (R | N | T, as RGBNT100 and a
+    manifest with all three modality columns). ``sceneid`` is only known for MSVR310 (-1
+    elsewhere).
     """
 
     paths: dict[str, str]
@@ -88,6 +103,22 @@ class Sample:
     camid: int
     sceneid: int = -1
     crop: int | None = None
+    strip: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.strip is not None and self.crop is None:
+            raise ValueError(f"a strip {self.strip} needs a crop width")
+        if self.crop is not None:
+            strip = MODALITIES if self.strip is None else tuple(self.strip)
+            odd = [m for m in self.paths if m not in strip]
+            if odd:
+                raise ValueError(f"modalities {odd} are not blocks of the strip {'|'.join(strip)}")
+            object.__setattr__(self, "strip", strip)  # frozen: set once, here
+
+    def strip_columns(self, modality: str) -> tuple[int, int]:
+        """The column range ``[left, right)`` of ``modality`` in this sample's strip."""
+        i = self.strip.index(modality)
+        return i * self.crop, (i + 1) * self.crop
 
 
 #: The parts of a benchmark, in the order ``load_dataset`` reads them.
@@ -152,8 +183,10 @@ def _format_rgbnt100(pid: int, camid: int, sceneid: int, view: int) -> str:
     return f"{pid:04d}_c{camid + 1:03d}_{view:06d}.jpg"
 
 
-def _parse_msvr310(name: str) -> ParsedName:
-    # Fixed character positions; the camera id is already 0-based and is not decremented.
+def _parse_msvr310(key: str) -> ParsedName:
+    # Fixed character positions of the name (its vehicle folder is checked by check_data); the
+    # camera id is already 0-based and is not decremented.
+    name = key.rpartition("/")[2]
     return int(name[0:4]), int(name[11]), int(name[6:9])
 
 
@@ -173,6 +206,28 @@ def _format_market(pid: int, camid: int, sceneid: int, view: int) -> str:
     return f"{pid:04d}_c{camid + 1}s1_{100 * (view + 1):06d}_{view:02d}.jpg"
 
 
+_NIGHT_FLAG = re.compile(r"n(\d)")
+
+
+def _parse_wmveid863(key: str) -> ParsedName:
+    # The public loaders read the camera as name[1] / re.search("v+\d") and the flag as
+    # re.search("n+\d"), and take the pid from the vehicle folder (the name carries none).
+    folder, _, name = key.rpartition("/")
+    if not folder.isdigit():
+        raise ValueError(f"the vehicle folder '{folder}' is not a number" if folder else "no vehicle folder")
+    if not (name[:1] == "v" and name[1:2].isdigit()):
+        raise ValueError("the name does not start with v<camera digit>")
+    night = _NIGHT_FLAG.search(name, 2)
+    if night is None or night.group(1) not in "01":
+        raise ValueError("no day/night flag n0 or n1 after the camera")
+    return int(folder), int(name[1]), -1
+
+
+def _format_wmveid863(pid: int, camid: int, sceneid: int, view: int) -> str:
+    # The 3 digits after "s" number the image; MCNet reads name[7:10] of real names there.
+    return f"v{camid}_n{view % 2}_s{view + 1:03d}.jpg"
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a benchmark's splits live and how its file names encode identity and camera."""
@@ -180,14 +235,20 @@ class Layout:
     name: str
     folder: str  # dataset directory relative to the root (the first part is the "dataset folder")
     splits: dict[str, str]  # split ("train", "query", "gallery") -> directory under ``folder``
-    modality_dirs: dict[str, str] | None  # modality -> sub-directory; None = one R|N|T strip file
-    per_identity_folders: bool  # MSVR310: <split>/<4-digit vid>/<modality>/<img>
+    modality_dirs: dict[str, str] | None  # modality -> sub-directory; None = one strip file (see ``modalities``)
+    per_identity_folders: bool  # MSVR310, WMVeID863: <split>/<vid>/<modality>/<img>
     protocol: str
     max_cameras: int  # camera ids must lie in [0, max_cameras)
+    # Parses a ``scan_split`` key: the file name, or ``<vid>/<name>`` in per-identity layouts.
     parse: Callable[[str], ParsedName]
     format_name: Callable[[int, int, int, int], str]  # (pid, camid, sceneid, view) -> a name ``parse`` reads back
-    example: str  # a well-formed file name, quoted in error messages
+    example: str  # a well-formed key, quoted in error messages
     pattern: str  # human-readable description of the name format
+    # The modalities every sample carries, in strip (column) order for strip layouts.
+    modalities: tuple[str, ...] = MODALITIES
+    # WMVeID863: the pid is the vehicle folder (any number) and the name carries none; MSVR310's
+    # names carry the pid and the folder must be its 4 digits.
+    pid_in_folder: bool = False
 
     @property
     def dataset_folder(self) -> str:
@@ -199,6 +260,11 @@ class Layout:
         key: the name, inside its 4-digit vehicle folder for per-identity layouts."""
         name = self.format_name(pid, camid, sceneid, view)
         return f"{pid:04d}/{name}" if self.per_identity_folders else name
+
+    @property
+    def strip_label(self) -> str:
+        """``RGB|NI|TI`` for RGBNT100's strips: how check-data counts the files of a strip layout."""
+        return "|".join(self.modalities)
 
 
 _PAIRED = {m: m for m in MODALITIES}
@@ -256,6 +322,34 @@ LAYOUTS: dict[str, Layout] = {
         example="0012_c3s1_000451_00.jpg",
         pattern="<pid or -1>_c<camera 1-6>s<seq>_...jpg",
     ),
+    "rgbn300": Layout(
+        name="rgbn300",
+        folder="RGBN300/rgbir",
+        splits={"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"},
+        modality_dirs=None,
+        per_identity_folders=False,
+        protocol="same_camera",
+        max_cameras=8,
+        parse=_parse_rgbnt100,
+        format_name=_format_rgbnt100,
+        example="0012_c003_000004.jpg",
+        pattern="<pid>_c<camera 1-8>...jpg (regex ([-\\d]+)_c([-\\d]+))",
+        modalities=("RGB", "NI"),
+    ),
+    "wmveid863": Layout(
+        name="wmveid863",
+        folder="WMVEID863",
+        splits={"train": "train", "query": "query", "gallery": "test"},
+        modality_dirs={"RGB": "vis", "NI": "ni", "TI": "th"},
+        per_identity_folders=True,
+        protocol="same_camera",
+        max_cameras=8,
+        parse=_parse_wmveid863,
+        format_name=_format_wmveid863,
+        example="0012/v3_n1_s001.jpg",
+        pattern="<vehicle folder = pid>/v<camera 0-7>...n<0 day or 1 night>...jpg",
+        pid_in_folder=True,
+    ),
 }
 
 
@@ -293,7 +387,10 @@ def split_dirs(name: str, root: str | Path) -> dict[str, Path]:
 
 
 def parse_file_name(name: str, file_name: str) -> ParsedName:
-    """Parse ``file_name`` (base name only) into ``(pid, camid, sceneid)`` as the official loader.
+    """Parse ``file_name`` into ``(pid, camid, sceneid)`` as the official loader.
+
+    ``file_name`` is a ``scan_split`` key: the base name, or ``<vid>/<name>`` in per-identity
+    layouts (WMVeID863 needs the folder: it is the pid; MSVR310 reads the name alone).
 
     Returns None for junk images (pid -1) that the official loader skips. Raises LayoutError
     naming the file and the expected format when the name cannot be parsed or yields a
@@ -319,15 +416,16 @@ def scan_split(name: str, split_dir: Path) -> dict[str, dict[str, Path]]:
     """Every image of one split directory, keyed by its name relative to the modality level.
 
     Returns ``key -> {modality: path}`` with only the modalities whose file exists (keys are
-    ``<img>`` or, for MSVR310, ``<vid>/<img>``), sorted by key. RGBNT100 strips map all three
-    modalities to the one file. The parsers anchor on the RGB file (as the official code);
-    ``check_data`` uses the full picture to find unpaired files.
+    ``<img>`` or, for MSVR310 and WMVeID863, ``<vid>/<img>``), sorted by key: the modalities are
+    paired by file name. Strips map each of the layout's modalities to the one file. The parsers
+    anchor on the RGB file (as the official code); ``check_data`` uses the full picture to find
+    unpaired files.
     """
     layout = get_layout(name)
     found: dict[str, dict[str, Path]] = {}
     if layout.modality_dirs is None:
         for path in sorted(split_dir.glob("*.jpg")):
-            found[path.name] = {m: path for m in MODALITIES}
+            found[path.name] = {m: path for m in layout.modalities}
         return found
     if layout.per_identity_folders:
         groups = [(d.name + "/", d) for d in sorted(p for p in split_dir.iterdir() if p.is_dir())]
@@ -341,11 +439,12 @@ def scan_split(name: str, split_dir: Path) -> dict[str, dict[str, Path]]:
 
 
 def expected_paths(name: str, split_dir: Path, key: str) -> dict[str, str]:
-    """The three modality paths of a ``scan_split`` key, built from the name as the official code does."""
+    """The modality paths (the layout's modalities) of a ``scan_split`` key, built from the name
+    as the official code does."""
     layout = get_layout(name)
     if layout.modality_dirs is None:
         path = str(split_dir / key)
-        return {m: path for m in MODALITIES}
+        return {m: path for m in layout.modalities}
     group, _, file_name = key.rpartition("/")
     base = split_dir / group if group else split_dir
     return {m: str(base / sub / file_name) for m, sub in layout.modality_dirs.items()}
@@ -360,9 +459,8 @@ def _read_split(
     for key, present in scan_split(layout.name, split_dir).items():
         if anchor not in present:
             continue  # no RGB anchor: invisible to the official loader; check_data reports it
-        file_name = key.rpartition("/")[2]
         try:
-            parsed = parse_file_name(layout.name, file_name)
+            parsed = parse_file_name(layout.name, key)
         except LayoutError as exc:
             if problems is None:
                 raise LayoutError(f"{exc} (file {present[anchor]})") from None
@@ -412,10 +510,10 @@ def build_splits(
     dirs = _check_dirs(layout, root, _check_split_names(splits))
     records = {split: _read_split(layout, path, problems) for split, path in dirs.items()}
 
-    crop = STRIP_WIDTH if layout.modality_dirs is None else None
+    crop, strip = (STRIP_WIDTH, layout.modalities) if layout.modality_dirs is None else (None, None)
 
     def samples(split: str) -> list[Sample]:
-        return [Sample(paths=paths, pid=pid, camid=camid, sceneid=sceneid, crop=crop)
+        return [Sample(paths=paths, pid=pid, camid=camid, sceneid=sceneid, crop=crop, strip=strip)
                 for pid, camid, sceneid, paths in records.get(split, ())]
 
     return assemble_splits(name, samples("train"), samples("query"), samples("gallery"), protocol=layout.protocol,

@@ -32,9 +32,10 @@ from editor_reid.data.layouts import DatasetSplits, Sample
 from editor_reid.data.sampler import DistributedRandomIdentitySampler, RandomIdentitySampler
 from editor_reid.data.transforms import build_transforms
 from editor_reid.errors import EditorReidError
-from editor_reid.modalities import MODALITIES, absent_like
+from editor_reid.modalities import absent_like
 
 __all__ = [
+    "SAMPLE_KEYS",
     "collate",
     "TrainLoader",
     "EvalLoader",
@@ -51,6 +52,10 @@ __all__ = [
 _WORKER_STREAM = 1_000_003
 
 
+#: The keys of a sample (and of a collated batch) that are not modality images.
+SAMPLE_KEYS = ("pid", "camid", "sceneid", "index")
+
+
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     """Stack each modality that some sample carries to [B, 3, H, W]; pid/camid/sceneid/index
     become LongTensors [B].
@@ -60,13 +65,15 @@ def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
     gives a modality missing from the whole batch.
     """
     out = {}
-    for m in MODALITIES:
+    # The modalities, in the order the samples carry them (the dataset's order).
+    modalities = list(dict.fromkeys(k for item in batch for k in item if k not in SAMPLE_KEYS))
+    for m in modalities:
         carried = [item[m] for item in batch if m in item]
         if len(carried) == len(batch):
             out[m] = torch.stack(carried)
         elif carried:
             out[m] = torch.stack([item[m] if m in item else absent_like(carried[0]) for item in batch])
-    for key in ("pid", "camid", "sceneid", "index"):
+    for key in SAMPLE_KEYS:
         out[key] = torch.tensor([item[key] for item in batch], dtype=torch.long)
     return out
 
@@ -202,15 +209,35 @@ def _torch_cause(exc: BaseException) -> str:
     return cause.split(". ")[0].strip().rstrip(".")  # drop torch's "Details are lost ..." advice
 
 
+def _exit_status(workers: Sequence, dead: set[int]) -> str:
+    """" with exit code N" or " (killed by signal: NAME)" for the first dead worker process whose
+    status is known: torch's "exited unexpectedly", raised by the iterator when it notices the
+    death before the SIGCHLD handler does, leaves it out."""
+    for process in workers:
+        if getattr(process, "pid", None) not in dead:
+            continue
+        process.join(timeout=1.0)
+        code = process.exitcode
+        if code is None:
+            continue
+        if code < 0:
+            return f" (killed by signal: {signal.strsignal(-code) or -code})"
+        return f" with exit code {code}"
+    return ""
+
+
 def _worker_error(exc: BaseException, datasets: Sequence[MultiModalDataset], *,
-                  fallback: bool = False) -> DataLoaderWorkerError | None:
+                  fallback: bool = False, workers: Sequence = ()) -> DataLoaderWorkerError | None:
     """The report for torch's worker-death error ``exc``: the first of ``datasets`` whose
     ``reading`` table holds a dead pid names the sample. None when ``exc`` is something else or
-    no table knows the pid, unless ``fallback`` (a worker that died before its first sample)."""
+    no table knows the pid, unless ``fallback`` (a worker that died before its first sample).
+    ``workers``: the iterator's worker processes, asked for an exit status torch left out."""
     dead = _dead_pids(exc)
     if not dead:
         return None
     cause = _torch_cause(exc)
+    if "exit code" not in cause and "signal" not in cause:
+        cause += _exit_status(workers, dead)
     for dataset in datasets:
         if dataset.reading is None:
             continue
@@ -234,7 +261,7 @@ def _report(dataset: MultiModalDataset, worker: int, pid: int, index: int, *, ca
     if sample.crop is None:
         files = ", ".join(f"{m} {p}" for m, p in paths.items())
     else:
-        files = f"R|N|T strip {next(iter(paths.values()), '')}"
+        files = f"{'|'.join(sample.strip or ('R', 'N', 'T'))} strip {next(iter(paths.values()), '')}"
     hint = " (SIGKILL is most often the out-of-memory killer)" if "Killed" in cause else ""
     return DataLoaderWorkerError(
         f"DataLoader worker {worker} (pid {pid}) died while reading sample {index} ({files}): {cause}{hint}",
@@ -290,7 +317,7 @@ def _reporting_worker_death(loader: DataLoader) -> Iterator[dict]:
         except RuntimeError as exc:
             if isinstance(exc, DataLoaderWorkerError):
                 raise  # already reported by the SIGCHLD handler
-            report = _worker_error(exc, [loader.dataset], fallback=True)
+            report = _worker_error(exc, [loader.dataset], fallback=True, workers=getattr(batches, "_workers", ()))
             if report is None:
                 raise
             _raise_once(report, exc)

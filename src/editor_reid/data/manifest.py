@@ -10,12 +10,14 @@ any layout. One row per sample; the header (line 1) names the columns, in any or
 | `camid` | yes | the camera, an integer >= 0 (0-based) |
 | `sceneid` | no | the scene, an integer >= 0; empty = unknown (`same_scene` needs it on query and gallery rows) |
 | `RGB`, `NI`, `TI` | one or more | the image, relative to the manifest's folder or absolute; empty = the sample lacks it |
-| `crop` | no | empty: a file per modality; `w`: one R\\|N\\|T strip, modality `i` = columns `[i*w, (i+1)*w)` |
+| `crop` | no | empty: a file per modality; `w`: one strip of the manifest's modality columns side by side (R\\|N\\|T; R\\|N without a TI column), the `i`-th of them = columns `[i*w, (i+1)*w)` |
 | `protocol` | no | `same_camera` or `same_scene`, one value for the whole file; default `same_camera` |
 
 A sample that lacks a modality gets what the missing-modality evaluation feeds the model: a
 zero image after normalisation. With a ``crop``, every modality column names the same strip
-file (RGBNT100 stores R | N | T side by side).
+file (RGBNT100 stores R | N | T side by side, RGBN300 R | N): its blocks are the modality
+columns of the header, in RGB, NI, TI order (``Sample.strip``), whichever cells of the row are
+filled.
 
 Column names ignore case and surrounding spaces, cells surrounding spaces; other columns are
 ignored (keep your own notes there). As in the layouts, train pids are relabelled 0..K-1 by
@@ -51,7 +53,7 @@ from editor_reid.data.layouts import (
     format_statistics,
     split_dirs,
 )
-from editor_reid.data.validate import STRIP_LABEL, DataReport, check_image, file_problem, format_images, has_match
+from editor_reid.data.validate import DataReport, check_image, file_problem, format_images, has_match
 from editor_reid.modalities import MODALITIES
 
 __all__ = ["ManifestError", "COLUMNS", "read_manifest", "write_manifest", "make_manifest", "check_manifest"]
@@ -142,8 +144,11 @@ def _integer(values: dict[str, str], column: str, line: int, problems: list[tupl
     return number
 
 
-def _parse(path: Path) -> _Parsed:
-    """Every well-formed row of the manifest at ``path``, and every problem with its line."""
+def _parse(path: Path, extra: Sequence[str] = ()) -> _Parsed:
+    """Every well-formed row of the manifest at ``path``, and every problem with its line.
+    ``extra``: modalities beyond RGB, NI, TI whose columns hold images too (``DEPTH``)."""
+    extra = [m for m in extra if m not in MODALITIES]
+    known = {**_CANONICAL, **{m.lower(): m for m in extra}}
     problems: list[tuple[int, str]] = []
     records = _read_records(path, problems)
     if not records:
@@ -155,7 +160,7 @@ def _parse(path: Path) -> _Parsed:
     _, header = records[0]
     columns: dict[str, int] = {}
     for index, name in enumerate(header):
-        column = _CANONICAL.get(name.strip().lower())
+        column = known.get(name.strip().lower())
         if column is None:
             continue  # not ours: the user's own notes
         if column in columns:
@@ -164,7 +169,7 @@ def _parse(path: Path) -> _Parsed:
         else:
             columns[column] = index
     missing = [c for c in _REQUIRED if c not in columns]
-    modalities = [m for m in MODALITIES if m in columns]
+    modalities = [m for m in (*MODALITIES, *extra) if m in columns]
     if not modalities:
         missing.append("one of RGB, NI, TI")
     if missing:
@@ -200,7 +205,7 @@ def _parse(path: Path) -> _Parsed:
             first, *others = paths
             odd = next(m for m in others if paths[m] != paths[first])
             problems.append((line, f"{_where(line, odd)}: '{cells_of[odd]}' is not the strip '{cells_of[first]}' of "
-                                   f"column {first}; with a crop, every modality column names the same R|N|T strip"))
+                                   f"column {first}; with a crop, every modality column names the same strip"))
         value = values.get("protocol", "")
         if value and value not in PROTOCOLS:
             problems.append((line, f"{_where(line, 'protocol')}: unknown protocol '{value}'; expected "
@@ -211,7 +216,9 @@ def _parse(path: Path) -> _Parsed:
             problems.append((line, f"{_where(line, 'protocol')}: '{value}' differs from '{protocol[0]}' (line "
                                    f"{protocol[1]}); the protocol is one value for the whole manifest"))
         if len(problems) == before:
-            rows.append(_Row(line, split, Sample(paths=paths, pid=pid, camid=camid, sceneid=sceneid, crop=crop)))
+            strip = tuple(modalities) if crop is not None else None
+            sample = Sample(paths=paths, pid=pid, camid=camid, sceneid=sceneid, crop=crop, strip=strip)
+            rows.append(_Row(line, split, sample))
     return _Parsed(rows, protocol[0] if protocol else None, problems + _overlap_problems(rows))
 
 
@@ -251,13 +258,15 @@ def _check_protocol(protocol: str | None) -> None:
         raise ValueError(f"protocol must be one of {PROTOCOLS} (or None: the manifest's own), got {protocol!r}")
 
 
-def read_manifest(path: str | Path, *, splits: Sequence[str] = SPLIT_NAMES, protocol: str | None = None
-                  ) -> DatasetSplits:
+def read_manifest(path: str | Path, *, splits: Sequence[str] = SPLIT_NAMES, protocol: str | None = None,
+                  modalities: Sequence[str] = MODALITIES) -> DatasetSplits:
     """Read the manifest at ``path`` (relative to the current directory) as ``DatasetSplits``.
 
     ``splits`` chooses the splits built (the others are empty lists); every row is checked
     whatever ``splits`` says. ``protocol`` (``same_camera`` / ``same_scene``) overrides the
-    manifest's ``protocol`` column; without either it is ``same_camera``. Train pids are
+    manifest's ``protocol`` column; without either it is ``same_camera``. ``modalities`` (the
+    config's ``datasets.modalities``): a column named after one beyond RGB, NI, TI (``DEPTH``)
+    holds that modality's images; otherwise such a column is a note. Train pids are
     relabelled 0..K-1 by sorted pid; ``root`` is the manifest's folder, ``name`` "manifest".
 
     Raises FileNotFoundError when the file is absent, ManifestError naming the file, line and
@@ -269,7 +278,7 @@ def read_manifest(path: str | Path, *, splits: Sequence[str] = SPLIT_NAMES, prot
     path = _manifest_path(path)
     wanted = _split_names(splits)
     _check_protocol(protocol)
-    parsed = _parse(path)
+    parsed = _parse(path, modalities)
     chosen = protocol or parsed.protocol or _DEFAULT_PROTOCOL
     parsed.problems += _scene_problems(parsed.rows, chosen)
     if parsed.problems:
@@ -303,8 +312,10 @@ def write_manifest(splits: DatasetSplits, out: str | Path) -> Path:
     Rows come in split order (train, query, gallery), each split in its own order, so reading
     the file back gives the same samples in the same order. pids are written as they are: give
     the original train pids (``build_splits(..., raw_pids=True)``), which read_manifest relabels
-    as the layouts do. Paths are written relative to ``out``'s folder; the ``crop`` column only
-    when a sample has one; ``splits.protocol`` on every row.
+    as the layouts do. Paths are written relative to ``out``'s folder; the modality columns that
+    some sample has (a strip's blocks are these columns, so RGBN300's R | N strips get no TI
+    column); the ``crop`` column only when a sample has one; ``splits.protocol`` on every row.
+    Raises ValueError when the strips' blocks are not those columns (strips of different kinds).
     """
     out = Path(out).expanduser()
     if out.is_dir():
@@ -312,8 +323,15 @@ def write_manifest(splits: DatasetSplits, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     base = os.path.abspath(out.parent)
     parts = [(split, getattr(splits, split)) for split in SPLIT_NAMES]
-    with_crop = any(s.crop is not None for _, samples in parts for s in samples)
-    header = [c for c in COLUMNS if c != "crop" or with_crop]
+    everything = [s for _, samples in parts for s in samples]
+    with_crop = any(s.crop is not None for s in everything)
+    carried = {m for s in everything for m in s.paths}
+    modalities = tuple(m for m in MODALITIES if m in carried)
+    odd = next((s for s in everything if s.crop is not None and s.strip != modalities), None)
+    if odd is not None:
+        raise ValueError(f"manifest '{out}': the strip {'|'.join(odd.strip)} of pid {odd.pid} is not made of the "
+                         f"modality columns {'|'.join(modalities)}; a manifest's strips are all of one kind")
+    header = [c for c in COLUMNS if (c != "crop" or with_crop) and (c not in MODALITIES or c in modalities)]
     partial = out.with_name(f".{out.name}.partial")  # written whole, then renamed: never half a manifest
     with open(partial, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -349,19 +367,19 @@ def make_manifest(name: str, root: str | Path, out: str | Path, *, splits: Seque
     return loaded
 
 
-def check_manifest(path: str | Path) -> DataReport:
+def check_manifest(path: str | Path, modalities: Sequence[str] = MODALITIES) -> DataReport:
     """Check the manifest at ``path`` and every file it names; return every problem found.
 
     The problems of :func:`read_manifest` (each naming its line and column), then, per row, the
     image files: missing, empty or not a regular file, not decodable, in an image mode with no
-    8-bit RGB conversion, a strip whose width is not three times its ``crop``; and queries
+    8-bit RGB conversion, a strip whose width is not its ``crop`` times its blocks; and queries
     without a gallery row that may match them under the manifest's protocol. Each file is
     opened once, however many rows name it. The report's statistics count the original pids.
     Raises FileNotFoundError only when the manifest itself is absent.
     """
     path = _manifest_path(path)
     report = DataReport(name=MANIFEST, root=str(path))
-    parsed = _parse(path)
+    parsed = _parse(path, modalities)
     protocol = parsed.protocol or _DEFAULT_PROTOCOL
     problems = parsed.problems + _scene_problems(parsed.rows, protocol)
     if any(line == 0 for line, _ in parsed.problems):  # not a text file: nothing else to say
@@ -384,8 +402,8 @@ def check_manifest(path: str | Path) -> DataReport:
                 problems.append((row.line, f"{where}: {problem}: {file}"))
                 continue
             before = len(report.problems)
-            label = STRIP_LABEL if sample.crop is not None else modality
-            check_image(Path(file), label, sample.crop, report)
+            label = "|".join(sample.strip) if sample.crop is not None else modality
+            check_image(Path(file), label, sample.crop, report, sample.strip or MODALITIES)
             problems += [(row.line, f"{where}: {text}") for text in report.problems[before:]]
             del report.problems[before:]
 

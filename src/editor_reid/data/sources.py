@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from editor_reid.data.layouts import MANIFEST, SPLIT_NAMES, DatasetSplits, format_statistics, load_dataset
+from editor_reid.config import ConfigError
 from editor_reid.data.manifest import read_manifest
+from editor_reid.modalities import canonical_order
 
 __all__ = ["load_configured"]
 
@@ -24,11 +26,26 @@ def load_configured(datasets, *, splits: Sequence[str] = SPLIT_NAMES, verbose: b
     """
     protocol = datasets.protocol or None
     if datasets.names == MANIFEST:
-        loaded = read_manifest(datasets.manifest, splits=splits, protocol=protocol)
+        loaded = read_manifest(datasets.manifest, splits=splits, protocol=protocol, modalities=datasets.modalities)
     else:
         loaded = load_dataset(datasets.names, datasets.root_dir, splits=splits)
         if protocol:
             loaded.protocol = protocol
+    _check_modalities(loaded, datasets)
     if verbose:
         print(format_statistics(loaded))
     return loaded
+
+
+def _check_modalities(loaded: DatasetSplits, datasets) -> None:
+    """A configured modality that no sample has would be a zero image everywhere: a mistake."""
+    samples = [*loaded.train, *loaded.query, *loaded.gallery]
+    if not samples:
+        return
+    have = canonical_order(list(dict.fromkeys(m for s in samples for m in s.paths)))
+    absent = [m for m in datasets.modalities if m not in have]
+    if absent:
+        source = f"manifest '{datasets.manifest}'" if datasets.names == MANIFEST else datasets.names
+        raise ConfigError(f"config key 'datasets.modalities' names {', '.join(absent)}, but no sample of {source} "
+                          f"has {'that modality' if len(absent) == 1 else 'those modalities'} (it has "
+                          f"{', '.join(have)}); list only modalities the data has")

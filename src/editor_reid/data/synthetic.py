@@ -54,6 +54,8 @@ _GEOMETRY = {
     "market1501mm": ("person", (128, 64), 6, 1501),
     "rgbnt100": ("vehicle", (128, STRIP_WIDTH), 8, 600),
     "msvr310": ("vehicle", (128, 256), 8, 9999),
+    "rgbn300": ("vehicle", (128, STRIP_WIDTH), 8, 600),
+    "wmveid863": ("vehicle", (128, 256), 8, 9999),
 }
 
 # Person parts (indices into the per-identity colour tables); 0 is background.
@@ -408,8 +410,8 @@ def _split_dir(layout: str, split: str) -> str:
 def mask_path_for(image_path: str | Path) -> Path:
     """The ground-truth mask written by ``make_synthetic`` for an image file.
 
-    ``<root>/RGBNT201/test/NI/x.jpg`` -> ``<root>/RGBNT201_masks/test/NI/x.png``. For RGBNT100
-    the mask is a 768-wide strip like the image (use ``load_mask`` to get one modality).
+    ``<root>/RGBNT201/test/NI/x.jpg`` -> ``<root>/RGBNT201_masks/test/NI/x.png``. For a strip
+    layout the mask is a strip like the image (use ``load_mask`` to get one modality).
     """
     path = Path(image_path)
     folders = {layout.dataset_folder for layout in LAYOUTS.values()}
@@ -425,8 +427,8 @@ def load_mask(sample: Sample, modality: str) -> np.ndarray:
     """Bool [H, W] object mask of one modality of a synthetic sample (cropped for strips)."""
     mask = np.asarray(Image.open(mask_path_for(sample.paths[modality])).convert("L")) > 127
     if sample.crop is not None:
-        i = MODALITIES.index(modality)
-        mask = mask[:, i * sample.crop : (i + 1) * sample.crop]
+        left, right = sample.strip_columns(modality)
+        mask = mask[:, left:right]
     return mask
 
 
@@ -440,16 +442,18 @@ def _save(image: np.ndarray, path: Path, mask: np.ndarray, mask_path: Path) -> N
 def _write_view(
     spec: Layout, split_dir: Path, key: str, images: tuple[np.ndarray, ...], mask: np.ndarray
 ) -> None:
-    """Save one rendered (RGB, NI, TI) view and its masks at a ``scan_split`` key of ``split_dir``."""
-    if spec.modality_dirs is None:  # one R|N|T strip and a strip mask
-        strip = np.concatenate(images, axis=1)
+    """Save one rendered (RGB, NI, TI) view and its masks at a ``scan_split`` key of ``split_dir``:
+    the layout's modalities only, side by side in strip order for a strip layout."""
+    by_modality = dict(zip(MODALITIES, images))
+    if spec.modality_dirs is None:  # one strip and a strip mask
+        strip = np.concatenate([by_modality[m] for m in spec.modalities], axis=1)
         path = split_dir / key
-        _save(strip, path, np.concatenate([mask] * 3, axis=1), mask_path_for(path))
+        _save(strip, path, np.concatenate([mask] * len(spec.modalities), axis=1), mask_path_for(path))
         return
     group, _, file_name = key.rpartition("/")
-    for modality, image in zip(MODALITIES, images):
+    for modality in spec.modalities:
         path = split_dir / group / spec.modality_dirs[modality] / file_name
-        _save(image, path, mask, mask_path_for(path))
+        _save(by_modality[modality], path, mask, mask_path_for(path))
 
 
 def _write_market_junk(base: Path, kind: str, size: tuple[int, int], cameras: list[_Camera], seed: int) -> int:

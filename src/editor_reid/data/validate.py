@@ -1,8 +1,9 @@
 """``check-data``: validate a dataset tree and report every problem, not just the first.
 
 Checked: missing split/modality directories, unpaired modalities (a file without its NI/TI/RGB
-twin, in every direction), files that do not decode, RGBNT100 strips that are not 768 wide,
-file names that do not parse, MSVR310 files filed under another vehicle's folder, camera ids
+twin of the same name, in every direction), files that do not decode, strips that are not as wide
+as their blocks (RGBNT100: 768, RGBN300: 512), file names that do not parse (WMVeID863: also
+the vehicle folder and the day/night flag), MSVR310 files filed under another vehicle's folder, camera ids
 outside the benchmark's range, identities in both train and test, and queries without a valid
 gallery match under the dataset's protocol (same_camera: a gallery image of the same pid from
 another camera; same_scene: from another scene), and image modes with no faithful 8-bit RGB
@@ -38,13 +39,14 @@ from editor_reid.data.layouts import (
     scan_split,
     split_dirs,
 )
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, check_modalities
 
 __all__ = ["DataReport", "check_data", "PreflightError", "preflight", "check_image", "file_problem", "format_images",
            "has_match", "STRIP_LABEL"]
 
-#: How the files of an RGBNT100 strip (one file for all modalities) are counted per modality.
-STRIP_LABEL = "RGB|NI|TI"
+#: How the files of an RGBNT100 strip (one file for all modalities) are counted per modality;
+#: other strips count under their own blocks (``Layout.strip_label``, e.g. ``RGB|NI``).
+STRIP_LABEL = "|".join(MODALITIES)
 # Sizes listed per modality in the statistics; a real benchmark's crops can have hundreds.
 _SIZES_SHOWN = 5
 # Problems quoted in a PreflightError; check-data lists all of them.
@@ -59,7 +61,7 @@ class DataReport:
     root: str
     problems: list[str] = field(default_factory=list)
     statistics: str = ""
-    # modality ("RGB", "NI", "TI"; "RGB|NI|TI" for RGBNT100 strips) -> Counter of the image
+    # modality ("RGB", "NI", "TI"; "RGB|NI|TI" or "RGB|NI" for strips) -> Counter of the image
     # modes / sizes ("WxH") of the files that decode, each file counted once.
     image_modes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     image_sizes: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
@@ -69,10 +71,12 @@ class DataReport:
         return not self.problems
 
 
-def check_image(path: Path, modality: str, strip_width: int | None, report: DataReport) -> None:
+def check_image(path: Path, modality: str, strip_width: int | None, report: DataReport,
+                strip: Sequence[str] = MODALITIES) -> None:
     """Decode one file; count its mode and size; report decoding, mode and strip-width problems.
 
-    ``strip_width``: the width of one modality block when the file is a R|N|T strip, else None.
+    ``strip_width``: the width of one modality block when the file is a strip of the ``strip``
+    blocks (default R|N|T), else None.
     """
     try:
         image = open_image(str(path))
@@ -86,10 +90,10 @@ def check_image(path: Path, modality: str, strip_width: int | None, report: Data
             to_rgb(image, str(path))
         except BadImageError as exc:
             report.problems.append(f"unsupported image mode: {path} ({exc.reason})")
-        if strip_width is not None and image.width != len(MODALITIES) * strip_width:
+        if strip_width is not None and image.width != len(strip) * strip_width:
             report.problems.append(
-                f"wrong geometry: {path} is {image.width}x{image.height} (WxH); a R|N|T strip of "
-                f"{strip_width}-wide blocks must be {len(MODALITIES) * strip_width} wide"
+                f"wrong geometry: {path} is {image.width}x{image.height} (WxH); a {'|'.join(strip)} strip of "
+                f"{strip_width}-wide blocks must be {len(strip) * strip_width} wide"
             )
 
 
@@ -104,7 +108,9 @@ def _check_directory(name: str, split_dir: Path, report: DataReport) -> list[Sam
                 problems.append(f"missing directory: {split_dir / sub}")
     if layout.per_identity_folders:
         for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-            if not (len(folder.name) == 4 and folder.name.isdigit()):
+            if layout.pid_in_folder and not folder.name.isdigit():
+                problems.append(f"bad vehicle folder name: {folder} (expected the vehicle id, a number)")
+            elif not layout.pid_in_folder and not (len(folder.name) == 4 and folder.name.isdigit()):
                 problems.append(f"bad vehicle folder name: {folder} (expected a 4-digit vehicle id)")
 
     samples = []
@@ -115,15 +121,16 @@ def _check_directory(name: str, split_dir: Path, report: DataReport) -> list[Sam
                 twin_of = next(iter(present.values()))
                 problems.append(f"unpaired modality: {twin_of} has no {modality} twin (expected {path})")
         if strip:
-            check_image(present["RGB"], STRIP_LABEL, STRIP_WIDTH, report)
+            check_image(present["RGB"], layout.strip_label, STRIP_WIDTH, report, layout.modalities)
         else:
             for modality, path in sorted(present.items(), key=lambda item: item[1]):
                 check_image(path, modality, None, report)
 
-        file_name = key.rpartition("/")[2]
+        if layout.pid_in_folder and not key.partition("/")[0].isdigit():
+            continue  # its folder is reported above, once
         shown = next(iter(present.values()))
         try:
-            parsed = parse_file_name(name, file_name)
+            parsed = parse_file_name(name, key)
         except LayoutError as exc:
             problems.append(f"unparseable file name: {shown}: {exc}")
             continue
@@ -132,12 +139,12 @@ def _check_directory(name: str, split_dir: Path, report: DataReport) -> list[Sam
         pid, camid, sceneid = parsed
         if not 0 <= camid < layout.max_cameras:
             problems.append(f"camera id out of range: {shown} has camera {camid}, expected 0..{layout.max_cameras - 1}")
-        folder = key.partition("/")[0] if layout.per_identity_folders else None
+        folder = key.partition("/")[0] if layout.per_identity_folders and not layout.pid_in_folder else None
         if folder is not None and folder.isdigit() and int(folder) != pid:
             problems.append(f"misfiled image: {shown} is in vehicle folder {folder} but its name says {pid:04d}")
         if "RGB" in present:  # the loader anchors on RGB files
-            crop = STRIP_WIDTH if strip else None
-            samples.append(Sample(paths=expected, pid=pid, camid=camid, sceneid=sceneid, crop=crop))
+            crop, order = (STRIP_WIDTH, layout.modalities) if strip else (None, None)
+            samples.append(Sample(paths=expected, pid=pid, camid=camid, sceneid=sceneid, crop=crop, strip=order))
     return samples
 
 
@@ -213,7 +220,8 @@ def check_data(name: str, root: str | Path) -> DataReport:
 def format_images(report: DataReport) -> str:
     """The image modes and sizes per modality, most frequent first."""
     lines = ["=> image files per modality (mode: count; size WxH: count)"]
-    for modality in (*MODALITIES, STRIP_LABEL):
+    strips = sorted(label for label in report.image_modes if label not in MODALITIES)
+    for modality in (*MODALITIES, *strips):
         if modality not in report.image_modes:
             continue
         modes = ", ".join(f"{mode} {n}" for mode, n in report.image_modes[modality].most_common())
@@ -263,9 +271,10 @@ def preflight(splits: DatasetSplits, parts: Sequence[str], modalities: Sequence[
     query and gallery are the same files), so 10 000 samples take a fraction of a second;
     ``check_data`` decodes every file. Raises PreflightError with a check-data-style report.
     """
-    unknown = [p for p in parts if p not in SPLIT_NAMES] + [m for m in modalities if m not in MODALITIES]
-    if unknown:
-        raise ValueError(f"preflight: unknown split or modality {unknown}; expected {SPLIT_NAMES} and {MODALITIES}")
+    unknown = [p for p in parts if p not in SPLIT_NAMES]
+    if unknown or check_modalities(list(modalities)):
+        raise ValueError(f"preflight: unknown split {unknown} or bad modalities {list(modalities)}; expected splits "
+                         f"among {SPLIT_NAMES} and modality names such as {MODALITIES}")
     problems: list[str] = []
     seen: set[str] = set()
     for part in parts:

@@ -197,6 +197,10 @@ def export_model(model: EDITOR, cfg: Config, out: str | Path, *, opset: int | No
         raise UsageError(f"opset {opset} is not supported: choose one in [{OPSETS[0]}, {OPSETS[1]}] (the exporter "
                          "writes 18 or newer; from 23 HMA's masked attention becomes an Attention node that "
                          "onnxruntime's CPU kernel does not run with a key mask)")
+    if tuple(model.modalities) != MODALITIES:
+        raise UsageError(f"the ONNX graph takes the inputs {', '.join(MODALITIES)}; this model's modalities are "
+                         f"{', '.join(model.modalities)} (datasets.modalities), which export does not support yet: "
+                         "use the checkpoint with FeatureExtractor or editor-reid extract")
     out = Path(out)
     model = model.to("cpu").eval()
     height, width = model.backbone.img_size

@@ -41,7 +41,7 @@ from PIL import Image
 from editor_reid.data.dataset import BadImageError, to_rgb
 from editor_reid.errors import EditorReidError, UsageError
 from editor_reid.features.store import path_key
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, canonical_order
 
 __all__ = ["ServiceSettings", "ServiceError", "MicroBatcher", "create_app", "check_compatible", "run_server",
            "MAX_IMAGE_PIXELS"]
@@ -308,7 +308,8 @@ class _Worker:
     def _add(self, feats: np.ndarray, jobs: list[_Job]) -> list[dict]:
         metadata = {"pid": [job.params["pid"] for job in jobs], "camid": [job.sample["camid"] for job in jobs],
                     "row": [-1] * len(jobs),  # not from a feature file
-                    **{path_key(m): [job.params["files"].get(m, "") for job in jobs] for m in MODALITIES}}
+                    **{path_key(m): [job.params["files"].get(m, "") for job in jobs]
+                       for m in canonical_order([*MODALITIES, *self.extractor.modalities])}}
         ids = self.index.add(feats, metadata, fingerprint=self.extractor.fingerprint)
         return [{"ids": [int(i)]} for i in np.asarray(ids).reshape(-1)]
 
@@ -405,6 +406,8 @@ class _Requests:
         self.settings = settings
         self.threshold = threshold
         self.modalities = tuple(extractor.modalities)
+        #: The image fields a form may hold: the benchmark modalities and the model's own.
+        self.image_fields = canonical_order([*MODALITIES, *self.modalities])
         self.num_cameras = getattr(extractor, "num_cameras", None)
 
     async def job(self, request, form_class, kind: str) -> _Job:
@@ -451,19 +454,19 @@ class _Requests:
             raise ServiceError(400, "send the images as a multipart form (Content-Type: multipart/form-data), "
                                     "e.g. curl -F RGB=@rgb.jpg")
         limited = form_class(request.scope, receive)
-        form = await limited.form(max_files=len(MODALITIES) + 1, max_fields=16, max_part_size=64 * 1024)
+        form = await limited.form(max_files=len(self.image_fields) + 1, max_fields=16, max_part_size=64 * 1024)
         return form
 
     def _check_fields(self, form, allowed: Sequence[str]) -> None:
         """ServiceError for an unknown or repeated field, or an image field the model does not read."""
-        known = (*MODALITIES, *allowed)
+        known = (*self.image_fields, *allowed)
         for name in form.keys():
             if name not in known:
-                raise ServiceError(400, f"unknown field {name!r}; the form takes images as {', '.join(MODALITIES)} "
+                raise ServiceError(400, f"unknown field {name!r}; the form takes images as {', '.join(self.image_fields)} "
                                         f"and the values {', '.join(allowed)}")
             if len(form.getlist(name)) > 1:
                 raise ServiceError(400, f"field {name!r} is given {len(form.getlist(name))} times; give it once")
-        uploads = {m: form[m] for m in MODALITIES if m in form}
+        uploads = {m: form[m] for m in self.image_fields if m in form}
         if not uploads:
             raise ServiceError(422, f"no image: give at least one of {', '.join(self.modalities)} as a file field, "
                                     "e.g. curl -F RGB=@rgb.jpg")
@@ -477,7 +480,7 @@ class _Requests:
 
     async def _images(self, form) -> tuple[dict[str, Image.Image], dict[str, str]]:
         """(the form's images decoded to 8-bit RGB, off the event loop; the uploads' file names)."""
-        uploads = {m: form[m] for m in MODALITIES if m in form}
+        uploads = {m: form[m] for m in self.image_fields if m in form}
         data = {name: (upload.filename, await upload.read()) for name, upload in uploads.items()}
         images = await asyncio.to_thread(lambda: {name: _decode(name, filename, raw)
                                                   for name, (filename, raw) in data.items()})

@@ -12,10 +12,9 @@ from torch import nn
 
 from editor_reid import metrics
 from editor_reid.config import Config
-from editor_reid.data.loaders import build_test_loader
+from editor_reid.data.loaders import SAMPLE_KEYS, build_test_loader
 from editor_reid.engine.distributed import unwrap_model
 from editor_reid.engine.solver import autocast_context
-from editor_reid.modalities import MODALITIES
 
 __all__ = [
     "FeatureCache",
@@ -53,9 +52,10 @@ def batch_images(batch: dict, device: torch.device, present: Sequence[str] | Non
     others are left out and the model feeds them as zero images (the TOP-ReID / DeMo convention
     for missing-modality evaluation), so its feature width stays that of the full input.
     """
-    keys = [m for m in MODALITIES if m in batch and (present is None or m in present)]
+    keys = [m for m in batch if m not in SAMPLE_KEYS and (present is None or m in present)]
     if not keys:
-        raise KeyError(f"batch holds none of the modalities {list(present or MODALITIES)}; it has {sorted(batch)}")
+        wanted = list(present) if present is not None else "any modality"
+        raise KeyError(f"batch holds none of the modalities {wanted}; it has {sorted(batch)}")
     return {m: batch[m].to(device, non_blocking=True) for m in keys}
 
 

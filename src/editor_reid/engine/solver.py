@@ -5,19 +5,24 @@ The official recipe: SGD (momentum 0.9) at base LR 1e-3 for every parameter, LR 
 parameter whose name contains "bias", weight decay 1e-4 on everything (norms, cls_token,
 pos_embed and sie_embed included, docs/official-behaviour.md#quirk-weight-decay-everywhere), and timm's
 ``CosineLRScheduler`` stepped once per epoch with a linear warmup measured in epochs.
+
+The CLIP recipes (docs/clip.md) add three switches, all off by default: ``solver.optimizer_name:
+Adam`` (torch's Adam, weight decay as an L2 term per group), ``solver.backbone_lr`` (one LR for
+every pretrained ViT tensor) and ``solver.lr_noise`` (timm's multiplicative LR noise).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
-from editor_reid.config import AMP_CHOICES
+from editor_reid.config import AMP_CHOICES, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,12 @@ __all__ = [
     "autocast_context",
     "make_grad_scaler",
 ]
+
+
+# The pretrained ViT inside an EDITOR model (``backbone.vit.*``), also under a DDP/compile wrapper
+# prefix. The SIE table and the unused fc live beside it (``backbone.sie_embed``): trained from
+# scratch, they keep base_lr, as the CLIP recipes' camera embedding outside their ``base`` module.
+_PRETRAINED = re.compile(r"(^|\.)backbone\.vit\.")
 
 
 def _named_trainable(model: nn.Module, extra_params) -> list[tuple[str, nn.Parameter]]:
@@ -59,6 +70,12 @@ def build_optimizer(cfg, model: nn.Module, extra_params: Iterable | nn.Module | 
     ``solver.weight_decay`` and a "bias" group (name contains "bias") at
     ``base_lr * solver.bias_lr_factor`` / ``solver.weight_decay_bias``. Each group records its
     ``lr_factor``; the scheduler scales from each group's own starting LR.
+
+    With ``solver.backbone_lr`` > 0 the pretrained ViT's tensors (``backbone.vit.*``, weights
+    and biases alike) form their own groups at that LR (names "backbone" / "backbone_bias",
+    weight decay as above): the CLIP recipes fine-tune the CLIP tower at 5e-6 while the new
+    modules train at base_lr. ``solver.optimizer_name``: SGD (momentum ``solver.momentum``),
+    Adam or AdamW, each with its default betas and eps and each group's own weight decay.
     """
     s = cfg.solver
     if s.base_lr <= 0:
@@ -66,27 +83,37 @@ def build_optimizer(cfg, model: nn.Module, extra_params: Iterable | nn.Module | 
     named = _named_trainable(model, extra_params)
     if not named:
         raise ValueError("build_optimizer: the model has no parameters with requires_grad=True")
-    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    if s.backbone_lr < 0:
+        raise ValueError(f"config key 'solver.backbone_lr' must be >= 0, got {s.backbone_lr}")
+    groups: dict[tuple[bool, float, float], dict[str, Any]] = {}
     for name, param in named:
         is_bias = "bias" in name
-        factor = s.bias_lr_factor if is_bias else 1.0
+        pretrained = s.backbone_lr > 0 and _PRETRAINED.search(name) is not None
+        if pretrained:
+            lr = s.backbone_lr
+            factor = s.backbone_lr / s.base_lr
+        else:
+            factor = s.bias_lr_factor if is_bias else 1.0
+            lr = s.base_lr * factor
         wd = s.weight_decay_bias if is_bias else s.weight_decay
-        key = (factor, wd)
+        key = (pretrained, factor, wd)
         if key not in groups:
             groups[key] = {
                 "params": [],
-                "lr": s.base_lr * factor,
+                "lr": lr,
                 "weight_decay": wd,
                 "lr_factor": factor,
-                "name": "bias" if is_bias else "decay",
+                "name": ("backbone_" if pretrained else "") + ("bias" if is_bias else "decay"),
             }
         groups[key]["params"].append(param)
     param_groups = list(groups.values())
     if s.optimizer_name == "SGD":
         return torch.optim.SGD(param_groups, lr=s.base_lr, momentum=s.momentum)
+    if s.optimizer_name == "Adam":
+        return torch.optim.Adam(param_groups, lr=s.base_lr)
     if s.optimizer_name == "AdamW":
         return torch.optim.AdamW(param_groups, lr=s.base_lr)
-    raise ValueError(f"config key 'solver.optimizer_name': {s.optimizer_name!r} is not one of SGD, AdamW")
+    raise ValueError(f"config key 'solver.optimizer_name': {s.optimizer_name!r} is not one of SGD, Adam, AdamW")
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> CosineLRScheduler:
@@ -110,6 +137,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> CosineLRScheduler:
     the warmup is skipped and the cosine runs over T + 1 epochs, so epoch t gets
     lr_min + (base - lr_min) * (1 + cos(pi * t / (T + 1))) / 2 and none runs at the floor. The scheduler keeps no epoch counter: its ``state_dict`` holds the
     schedule only, and the LR of the epoch in progress comes back with the optimiser's state.
+
+    ``solver.lr_noise`` > 0 (the CLIP recipes: 0.67) turns on timm's LR noise for the epochs
+    0 <= t < T: every group's LR of epoch t is multiplied by (1 + n_t), n_t a standard normal
+    draw from a generator seeded ``solver.lr_noise_seed + t``, redrawn until |n_t| < lr_noise. The
+    same seed gives the same LRs in every run; the LR set at construction has no noise.
     """
     s = cfg.solver
     # timm asserts on a bad t_initial or lr_min and takes a negative warmup_t; name the key instead.
@@ -119,6 +151,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> CosineLRScheduler:
         raise ValueError(f"config key 'solver.warmup_iters' must be >= 0, got {s.warmup_iters}")
     if s.eta_min_factor < 0:
         raise ValueError(f"config key 'solver.eta_min_factor' must be >= 0, got {s.eta_min_factor}")
+    if not 0 <= s.lr_noise < 1:  # at 1 or above, 1 + n could reach 0 or flip the LR's sign
+        raise ValueError(f"config key 'solver.lr_noise' must be in [0, 1), got {s.lr_noise}")
+    noise = {}
+    if s.lr_noise > 0:
+        noise = dict(noise_range_t=(0, s.max_epochs), noise_pct=s.lr_noise, noise_std=1.0, noise_seed=s.lr_noise_seed)
     t_initial, warmup_t = s.max_epochs, s.warmup_iters
     if s.max_epochs <= max(s.warmup_iters, 1):
         # Too short for the official shape: its warmup would never end, and its last epoch
@@ -136,6 +173,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg) -> CosineLRScheduler:
         warmup_lr_init=s.base_lr * s.warmup_factor,
         cycle_limit=1,
         t_in_epochs=True,
+        **noise,
     )
 
 
@@ -183,11 +221,11 @@ def autocast_context(device_type: str | torch.device, amp: str):
         return contextlib.nullcontext()
     if amp == "fp16":
         if kind != "cuda":
-            raise ValueError(f"config key 'solver.amp': 'fp16' needs a CUDA device, got '{kind}'; "
+            raise ConfigError(f"config key 'solver.amp': 'fp16' needs a CUDA device, got '{kind}'; "
                              "use solver.amp=bf16 or solver.amp=none")
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     if kind == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("config key 'solver.amp': 'bf16' is not supported by this GPU; use solver.amp=fp16")
+        raise ConfigError("config key 'solver.amp': 'bf16' is not supported by this GPU; use solver.amp=fp16")
     return torch.autocast(device_type=kind, dtype=torch.bfloat16)
 
 

@@ -26,8 +26,9 @@ __all__ = ["train_seeds", "aggregate", "format_seeds"]
 log = logging.getLogger(__name__)
 
 
-def train_seeds(cfg: Config, seeds: list[int], **options) -> dict:
-    """Train one run per seed in ``output_dir/seed_<s>`` and report mean ± std.
+def train_seeds(cfg: Config, seeds: list[int], *, quiet: bool = False, **options) -> dict:
+    """Train one run per seed in ``output_dir/seed_<s>`` and report mean ± std (printed unless
+    ``quiet``; ``seeds_summary.json`` is written either way).
 
     A seed whose run directory already holds ``checkpoints/last.pt`` is resumed (and so
     skipped when it is finished), which makes an interrupted sweep restartable. ``options``
@@ -61,7 +62,8 @@ def train_seeds(cfg: Config, seeds: list[int], **options) -> dict:
     if ctx.is_main:
         root.mkdir(parents=True, exist_ok=True)
         (root / "seeds_summary.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(format_seeds(result))
+        if not quiet:
+            print(format_seeds(result))
     return result
 
 

@@ -40,7 +40,7 @@ from editor_reid.errors import EditorReidError, UsageError
 from editor_reid.fileio import write_json_atomically
 from editor_reid.features.extractor import FeatureExtractor
 from editor_reid.features.store import FeatureFile, load_feature_file, save_feature_file
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, canonical_order
 from editor_reid.model.backbone import UNKNOWN_CAMERA
 
 __all__ = ["run_extract", "collect_inputs", "scan_images", "ExtractInputs", "IMAGE_SUFFIXES", "DEFAULT_CHUNK_SIZE",
@@ -165,7 +165,8 @@ def _digest(value) -> str:
 
 
 def _inputs_digest(inputs: ExtractInputs) -> str:
-    rows = [[s.paths, s.pid, s.camid, s.sceneid, s.crop, split] for s, split in zip(inputs.samples, inputs.splits)]
+    rows = [[s.paths, s.pid, s.camid, s.sceneid, s.crop, split, *([list(s.strip)] if s.strip else [])]
+            for s, split in zip(inputs.samples, inputs.splits)]
     return _digest(rows)
 
 
@@ -233,7 +234,8 @@ def _chunk_file(inputs: ExtractInputs, lo: int, hi: int, features: np.ndarray, *
         camid=np.asarray([s.camid for s in samples], dtype=np.int64),
         sceneid=np.asarray([s.sceneid for s in samples], dtype=np.int64),
         split=np.asarray(inputs.splits[lo:hi], dtype=np.str_),
-        paths={m: np.asarray([s.paths.get(m, "") for s in samples], dtype=np.str_) for m in MODALITIES},
+        paths={m: np.asarray([s.paths.get(m, "") for s in samples], dtype=np.str_)
+               for m in canonical_order([*MODALITIES, *(k for s in samples for k in s.paths)])},
         protocol=inputs.protocol,
         normalized=normalize,
         modalities=tuple(modalities),

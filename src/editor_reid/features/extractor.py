@@ -49,7 +49,7 @@ from editor_reid.engine.inference import extract_features
 from editor_reid.engine.solver import autocast_context
 from editor_reid.features.store import model_fingerprint
 from editor_reid.errors import EditorReidError, UsageError
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, canonical_order
 from editor_reid.model.backbone import UNKNOWN_CAMERA
 
 __all__ = ["FeatureExtractor", "SampleError", "CAMERA_KEYS"]
@@ -228,7 +228,7 @@ class FeatureExtractor:
         self.fingerprint = model_fingerprint(model.state_dict())
         self.model = maybe_compile(model.to(self.device).eval(), cfg)
         self.transform = build_transforms(cfg, is_train=False)
-        self.modalities = tuple(m for m in MODALITIES if m in cfg.datasets.modalities)
+        self.modalities = canonical_order(cfg.datasets.modalities)
 
     @classmethod
     def from_onnx(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int | None = None,
@@ -253,7 +253,7 @@ class FeatureExtractor:
         self.fingerprint = model.fingerprint
         self.model = model
         self.transform = build_transforms(cfg, is_train=False)
-        self.modalities = tuple(m for m in MODALITIES if m in cfg.datasets.modalities)
+        self.modalities = canonical_order(cfg.datasets.modalities)
         return self
 
     @property
@@ -314,14 +314,15 @@ class FeatureExtractor:
 
     def _check(self, index: int, sample: Any) -> tuple[dict[str, Any], int]:
         """(the sample's images of the model's modalities, camera id), or SampleError."""
+        known = canonical_order([*MODALITIES, *self.modalities])
         if not isinstance(sample, Mapping):
-            raise SampleError(index, None, f"expected a mapping of modality names ({', '.join(MODALITIES)}) to images, "
+            raise SampleError(index, None, f"expected a mapping of modality names ({', '.join(known)}) to images, "
                                            f"got {type(sample).__name__}")
         for key in sample:
-            if key not in MODALITIES and key not in CAMERA_KEYS:
-                raise SampleError(index, key, f"unknown key; a sample maps some of {', '.join(MODALITIES)} to images "
+            if key not in known and key not in CAMERA_KEYS:
+                raise SampleError(index, key, f"unknown key; a sample maps some of {', '.join(known)} to images "
                                               f"and may give its camera as {' or '.join(CAMERA_KEYS)}")
-        given = {m: sample[m] for m in MODALITIES if sample.get(m) is not None}
+        given = {m: sample[m] for m in known if sample.get(m) is not None}
         if not given:
             raise SampleError(index, None, f"has no image; give at least one of {', '.join(self.modalities)}")
         for m, value in given.items():

@@ -38,7 +38,7 @@ import numpy as np
 
 from editor_reid.errors import EditorReidError
 from editor_reid.fileio import atomic_write
-from editor_reid.modalities import MODALITIES
+from editor_reid.modalities import MODALITIES, canonical_order, check_modalities
 
 __all__ = ["FeatureFile", "FeatureFileError", "FORMAT_VERSION", "PROTOCOLS", "save_feature_file",
            "load_feature_file", "path_key", "model_fingerprint"]
@@ -68,6 +68,12 @@ def model_fingerprint(state_dict) -> str:
 def path_key(modality: str) -> str:
     """The ``.npz`` key of a modality's path column (``path_RGB``)."""
     return f"path_{modality}"
+
+
+def _path_columns(arrays: dict) -> list[str]:
+    """The modalities of the ``path_<M>`` keys of a file (RGB, NI, TI and any other modality)."""
+    names = [key[len("path_"):] for key in arrays if key.startswith("path_")]
+    return [m for m in names if check_modalities([m]) is None]
 
 
 @dataclass
@@ -130,7 +136,8 @@ def save_feature_file(path: str | Path, ff: FeatureFile) -> Path:
         "camid": _column(ff.camid, n, "camid", np.int64),
         "sceneid": _column(ff.sceneid, n, "sceneid", np.int64),
         "split": _strings(ff.split, n, "split"),
-        **{path_key(m): _strings(ff.paths.get(m, [""] * n), n, path_key(m)) for m in MODALITIES},
+        **{path_key(m): _strings(ff.paths.get(m, [""] * n), n, path_key(m))
+           for m in canonical_order([*MODALITIES, *ff.paths])},
         "protocol": np.asarray(ff.protocol, dtype=np.str_),
         "normalized": np.asarray(bool(ff.normalized)),
         "modalities": np.asarray(list(ff.modalities), dtype=np.str_),
@@ -193,7 +200,7 @@ def load_feature_file(path: str | Path) -> FeatureFile:
         camid=column("camid", np.int64, -1),
         sceneid=column("sceneid", np.int64, -1),
         split=column("split", np.str_, ""),
-        paths={m: column(path_key(m), np.str_, "") for m in MODALITIES},
+        paths={m: column(path_key(m), np.str_, "") for m in canonical_order([*MODALITIES, *_path_columns(arrays)])},
         protocol=str(scalar("protocol", "same_camera")),
         normalized=bool(scalar("normalized", False)),
         modalities=tuple(str(m) for m in arrays.pop("modalities", np.asarray(MODALITIES))),

@@ -7,7 +7,9 @@ What EDITOR adds (docs/official-behaviour.md#backbone):
 * the SIE camera embedding ``sie_embed`` [C, 1, D], added with coefficient ``sie_coe`` to every
   token, CLS included: ``tokens = [CLS; patches] + pos_embed + λ·sie_embed[cam]``. Camera id
   :data:`UNKNOWN_CAMERA` (-1), for a camera the model was not trained on, takes the mean of the
-  C learned embeddings instead (see :meth:`ViTBackbone.embed` for why);
+  C learned embeddings instead (see :meth:`ViTBackbone.embed` for why). ``sie_tokens="cls"``
+  adds it to the class token only, as the CLIP ReID models (CLIP-ReID, DeMo, IDEA, MDReID) do
+  (docs/clip.md);
 * the unused classifier ``fc`` (D -> 1000) that the official model builds; it is kept so the
   parameter count and official checkpoints match, and never used in ``forward``;
 * the post-softmax attention probabilities of every block, which SFTS needs and timm's fused
@@ -51,6 +53,7 @@ __all__ = [
     "UNKNOWN_CAMERA",
     "BackboneConfigError",
     "BackboneOutput",
+    "SIE_TOKENS",
     "ViTBackbone",
     "attention_probs",
     "attention_with_probs",
@@ -67,6 +70,9 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "deit_small_patch16_224": ("vit_small_patch16_224", {}),  # width 384, 12 layers, 6 heads
     # OpenAI CLIP ViT-B/16 image tower: pre-norm, LayerNorm eps 1e-5, quick_gelu, no patch bias.
     "vit_base_patch16_clip_224": ("vit_base_patch16_clip_quickgelu_224", {}),
+    # The same tower with exact GELU, for open_clip weights trained without QuickGELU (the LAION /
+    # DataComp ViT-B-16 tags); the file cannot tell which activation it was trained with.
+    "vit_base_patch16_clip_gelu_224": ("vit_base_patch16_clip_224", {}),
     # Tiny ImageNet-style ViT for tests and the CPU demo.
     "vit_tiny_test": ("vit_base_patch16_224", {"embed_dim": 64, "depth": 2, "num_heads": 4}),
 }
@@ -148,8 +154,16 @@ class BackboneConfigError(UsageError, ValueError):
     """A model.* setting the backbone cannot be built with (exit status 2 on the command line)."""
 
 
+#: model.sie_tokens: the tokens the SIE camera embedding is added to.
+SIE_TOKENS = ("all", "cls")
+
 # Heads of each timm definition when model.num_heads does not override them.
-_DEFAULT_HEADS = {"vit_base_patch16_224": 12, "vit_small_patch16_224": 6, "vit_base_patch16_clip_quickgelu_224": 12}
+_DEFAULT_HEADS = {
+    "vit_base_patch16_224": 12,
+    "vit_small_patch16_224": 6,
+    "vit_base_patch16_clip_quickgelu_224": 12,
+    "vit_base_patch16_clip_224": 12,
+}
 
 
 def _timm_arguments(
@@ -191,6 +205,7 @@ class ViTBackbone(nn.Module):
         img_size: (H, W) of the input, multiples of 16.
         num_cameras: SIE table size (max camera id + 1); SIE is built only if ``sie_camera`` and
             ``num_cameras > 1``.
+        sie_tokens: "all" (EDITOR) or "cls" (the CLIP ReID models): the tokens SIE is added to.
         embed_dim / depth / num_heads: overrides (0 = architecture default).
     """
 
@@ -203,6 +218,7 @@ class ViTBackbone(nn.Module):
         num_cameras: int = 0,
         sie_camera: bool = True,
         sie_coe: float = 3.0,
+        sie_tokens: str = "all",
         embed_dim: int = 0,
         depth: int = 0,
         num_heads: int = 0,
@@ -213,6 +229,9 @@ class ViTBackbone(nn.Module):
         super().__init__()
         height, width = int(img_size[0]), int(img_size[1])
         timm_name, kwargs = _timm_arguments(transformer_type, stride_size, (height, width), embed_dim, depth, num_heads)
+        if sie_tokens not in SIE_TOKENS:
+            raise BackboneConfigError(f"model.sie_tokens '{sie_tokens}' is not one of {', '.join(SIE_TOKENS)}")
+        self.sie_tokens = sie_tokens
         self.transformer_type = transformer_type
         self.timm_name = timm_name
         self.vit = _timm.create_vit(  # checks the timm internals this module relies on
@@ -318,6 +337,8 @@ class ViTBackbone(nn.Module):
             # Row C of the extended table is the mean; -1 is sent there without a host sync.
             table = torch.cat([self.sie_embed, self.sie_embed.mean(dim=0, keepdim=True)])  # [C+1, 1, D]
             sie = self.sie_coe * table[torch.where(cams == UNKNOWN_CAMERA, self.num_cameras, cams)]  # [B, 1, D]
+            if self.sie_tokens == "cls":
+                sie = F.pad(sie, (0, 0, 0, self.num_patches))  # [B, 1+N, D], zero on the patches
         return _timm.embed_tokens(self.vit, images, sie)
 
     def check_cameras(self, cam_ids: torch.Tensor | None) -> None:
@@ -432,6 +453,7 @@ def build_backbone(model_cfg, img_size: tuple[int, int], num_cameras: int) -> Vi
         num_cameras=num_cameras,
         sie_camera=model_cfg.sie_camera,
         sie_coe=model_cfg.sie_coe,
+        sie_tokens=model_cfg.sie_tokens,
         embed_dim=model_cfg.embed_dim,
         depth=model_cfg.depth,
         num_heads=model_cfg.num_heads,

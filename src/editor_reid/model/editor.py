@@ -14,14 +14,17 @@ Module map (official names in brackets, docs/official-behaviour.md#checkpoint-la
   backbone CLS.
 
 Switches: ``sfts=False`` keeps every patch token (M_U all True); ``hma=False`` (ablation rows
-A/B) makes the retrieval feature the concatenated backbone CLS tokens [B, 3D] with the fused
-head on it. The three modalities always go through the model: a modality missing from the input
+A/B) makes the retrieval feature the concatenated backbone CLS tokens [B, M·D] with the fused
+head on it. ``modalities`` (``datasets.modalities``; RGB, NI, TI by default) are the model's M
+modalities: HMA has one block per modality, SFTS unions over them and the feature is [B, M·D]
+(3D for the benchmarks). All M always go through the model: a modality missing from the input
 dict is a zero image, which is how the data layer represents an absent modality after
-normalisation; the feature keeps its [B, 3D] layout. No losses, logging or I/O here.
+normalisation; the feature keeps its [B, M·D] layout. No losses, logging or I/O here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +34,7 @@ from editor_reid.model.backbone import ViTBackbone, build_backbone
 from editor_reid.model.hma import HMA
 from editor_reid.model.pretrained import load_pretrained
 from editor_reid.model.sfts import SFTS, frequency_scores, spatial_mask, topk_mask
-from editor_reid.modalities import MODALITIES, absent_like
+from editor_reid.modalities import MODALITIES, absent_like, canonical_order, check_modalities
 
 __all__ = [
     "EDITOR",
@@ -46,9 +49,9 @@ __all__ = [
 @dataclass
 class EditorTrainOutput:
     fused_logits: torch.Tensor  # [B, K]
-    fused_feat: torch.Tensor  # [B, 3D] pre-BN f_HMA
-    backbone_logits: list[torch.Tensor]  # AL=1: [ori_logits]; AL=0: [s_R, s_N, s_T]
-    backbone_feats: list[torch.Tensor]  # AL=1: [ori [B, 3D]]; AL=0: [F_R cls, F_N cls, F_T cls] [B, D]
+    fused_feat: torch.Tensor  # [B, M·D] pre-BN f_HMA
+    backbone_logits: list[torch.Tensor]  # AL=1: [ori_logits]; AL=0: one per modality [s_R, s_N, s_T]
+    backbone_feats: list[torch.Tensor]  # AL=1: [ori [B, M·D]]; AL=0: one CLS [B, D] per modality
     backbone_tokens: dict[str, torch.Tensor]  # final-LN backbone tokens per modality [B, 1+N, D] (BCC input)
     token_mask: torch.Tensor  # M_U [B, N] bool (all True when SFTS is off)
     hma_cls: dict[str, torch.Tensor] | None  # HMA stage-1 CLS per modality [B, D] (OCFR input); None if HMA off
@@ -56,7 +59,7 @@ class EditorTrainOutput:
 
 @dataclass
 class EditorEvalOutput:
-    feature: torch.Tensor  # [B, 3D] pre-BN f_HMA
+    feature: torch.Tensor  # [B, M·D] pre-BN f_HMA
     token_mask: torch.Tensor  # [B, N] bool
 
 
@@ -64,7 +67,7 @@ class EditorEvalOutput:
 class SelectionMaps:
     """What SFTS's selection came from (:meth:`EDITOR.selection_maps`), for pictures."""
 
-    rollout: torch.Tensor  # [M, B, h, N] per modality (MODALITIES order): CLS row of A_L···A_1 per head
+    rollout: torch.Tensor  # [M, B, h, N] per modality (the model's order): CLS row of A_L···A_1 per head
     frequency_scores: torch.Tensor  # [B, N] the per-patch frequency score
     spatial: torch.Tensor  # [B, N] bool: the patches the rollout keeps (union over heads and modalities)
     frequency: torch.Tensor  # [B, N] bool: the top frequency_keep patches
@@ -93,6 +96,7 @@ class EDITOR(nn.Module):
         backbone: ViTBackbone,
         num_classes: int,
         *,
+        modalities: Sequence[str] = MODALITIES,
         sfts: bool = True,
         head_keep: int = 2,
         frequency_keep: int = 10,
@@ -108,8 +112,11 @@ class EDITOR(nn.Module):
         if al not in (0, 1):
             raise ValueError(f"model.al must be 0 or 1, got {al}")
         dim = backbone.embed_dim
-        feat_dim = dim * len(MODALITIES)
-        self.modalities = MODALITIES
+        problem = check_modalities(modalities)
+        if problem:
+            raise ValueError(f"modalities {list(modalities)}: {problem}")
+        self.modalities = canonical_order(modalities)
+        feat_dim = dim * len(self.modalities)
         self.num_classes = num_classes
         self.embed_dim = dim
         self.feat_dim = feat_dim
@@ -118,7 +125,7 @@ class EDITOR(nn.Module):
         self.al = al
         self.backbone = backbone
         self.sfts = SFTS(head_keep, frequency_keep, frequency_mode, patch_size=16, ties=sfts_ties)
-        self.hma = HMA(dim, hma_heads or backbone.num_heads, MODALITIES) if hma else None
+        self.hma = HMA(dim, hma_heads or backbone.num_heads, self.modalities) if hma else None
         self.fuse_bn = _bn_neck(feat_dim)
         self.fuse_head = _classifier(feat_dim, num_classes)
         self.backbone_bn = _bn_neck(dim)
@@ -140,24 +147,25 @@ class EDITOR(nn.Module):
         return self.backbone.num_patches
 
     def _stack_inputs(self, images: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        unknown = [k for k in images if k not in MODALITIES]
+        mods = self.modalities
+        unknown = [k for k in images if k not in mods]
         if unknown:
-            raise ValueError(f"unknown modality key(s) {unknown}; expected a non-empty subset of {list(MODALITIES)}")
-        present = [images[m] for m in MODALITIES if m in images]
+            raise ValueError(f"unknown modality key(s) {unknown}; expected a non-empty subset of {list(mods)}")
+        present = [images[m] for m in mods if m in images]
         if not present:
-            raise ValueError(f"no input images: pass a dict with some of {list(MODALITIES)}")
+            raise ValueError(f"no input images: pass a dict with some of {list(mods)}")
         reference = present[0]
-        for m in MODALITIES:
+        for m in mods:
             if m in images and images[m].shape != reference.shape:
                 raise ValueError(f"modality '{m}' has shape {tuple(images[m].shape)}, expected {tuple(reference.shape)}")
-        return [images[m] if m in images else absent_like(reference) for m in MODALITIES]
+        return [images[m] if m in images else absent_like(reference) for m in mods]
 
     def _run(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None, *, all_tokens: bool):
         """Backbone -> SFTS -> HMA. ``all_tokens=False``: only the CLS and selected tokens of the
         backbone output are needed (evaluation), so without gradients the backbone skips the rest."""
         inputs = self._stack_inputs(images)
         batch = inputs[0].shape[0]
-        num_mod = len(MODALITIES)
+        num_mod = len(self.modalities)
         cams = None if cam_ids is None else cam_ids.to(inputs[0].device).repeat(num_mod)
 
         def select(rollout: torch.Tensor) -> torch.Tensor:  # [M·B, h, N] -> M_U repeated per modality
@@ -170,7 +178,7 @@ class EDITOR(nn.Module):
             rollout=self.use_sfts,
             select=select if self.use_sfts and not all_tokens and self.hma is not None else None,
         )
-        tokens = dict(zip(MODALITIES, out.tokens.split(batch, dim=0)))
+        tokens = dict(zip(self.modalities, out.tokens.split(batch, dim=0)))
         if out.keep is not None:
             mask = out.keep[:batch]
         elif self.use_sfts:
@@ -179,14 +187,14 @@ class EDITOR(nn.Module):
             mask = torch.ones(batch, self.backbone.num_patches, dtype=torch.bool, device=out.tokens.device)
         self.last_token_mask = mask.detach()
         if self.hma is not None:
-            fused = self.hma([tokens[m] for m in MODALITIES], mask)
+            fused = self.hma([tokens[m] for m in self.modalities], mask)
             feature, hma_cls = fused.feature, fused.cls
         else:
-            feature, hma_cls = torch.cat([tokens[m][:, 0] for m in MODALITIES], dim=-1), None
+            feature, hma_cls = torch.cat([tokens[m][:, 0] for m in self.modalities], dim=-1), None
         return feature, mask, tokens, hma_cls
 
     def forward_features(self, images: dict[str, torch.Tensor], cam_ids: torch.Tensor | None = None) -> EditorEvalOutput:
-        """Retrieval feature (pre-BN f_HMA, [B, 3D]) and the selected-token mask, in any mode."""
+        """Retrieval feature (pre-BN f_HMA, [B, M·D]) and the selected-token mask, in any mode."""
         feature, mask, _, _ = self._run(images, cam_ids, all_tokens=False)
         return EditorEvalOutput(feature=feature, token_mask=mask)
 
@@ -197,7 +205,7 @@ class EDITOR(nn.Module):
         :meth:`forward_features` when it does."""
         inputs = self._stack_inputs(images)
         batch = inputs[0].shape[0]
-        cams = None if cam_ids is None else cam_ids.to(inputs[0].device).repeat(len(MODALITIES))
+        cams = None if cam_ids is None else cam_ids.to(inputs[0].device).repeat(len(self.modalities))
         rollouts = list(self.backbone(torch.cat(inputs, dim=0), cams, rollout=True).rollout.split(batch, dim=0))
         s = self.sfts
         spatial = spatial_mask(rollouts, s.head_keep, s.ties)
@@ -210,7 +218,7 @@ class EDITOR(nn.Module):
         if not self.training:
             return self.forward_features(images, cam_ids).feature
         feature, mask, tokens, hma_cls = self._run(images, cam_ids, all_tokens=True)
-        cls = [tokens[m][:, 0] for m in MODALITIES]  # backbone CLS, before SFTS (untouched by it)
+        cls = [tokens[m][:, 0] for m in self.modalities]  # backbone CLS, before SFTS (untouched by it)
         if self.al == 1:
             ori = torch.cat(cls, dim=-1)
             backbone_logits = [self.al_head(self.al_bn(ori))]
@@ -243,6 +251,7 @@ def build_model(cfg, num_classes: int, num_cameras: int, *, pretrained: bool = F
     model = EDITOR(
         backbone,
         num_classes,
+        modalities=cfg.datasets.modalities,
         sfts=m.sfts,
         head_keep=m.head_keep,
         frequency_keep=m.frequency_keep,

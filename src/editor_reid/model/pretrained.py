@@ -5,9 +5,15 @@ Supported files (``cfg.model.pretrain_path``):
 * ImageNet ViT (``pretrain_choice: imagenet``): TransReID/timm ``.pth`` state dicts (e.g.
   ``jx_vit_base_p16_224-80ecf9dd.pth``), ``.safetensors`` in timm's key layout, and Google's
   ``.npz`` ViT checkpoints (read by timm's own npz loader);
-* OpenAI CLIP (``pretrain_choice: clip``): ``ViT-B-16.pt`` (a TorchScript archive, opened with
-  ``torch.jit.load`` only when it is not a plain state dict) or any state dict with ``visual.*``
-  keys; converted with timm's OpenAI-CLIP key filter.
+* CLIP (``pretrain_choice: clip``): OpenAI's ``ViT-B-16.pt`` (a TorchScript archive, read by
+  :func:`read_torchscript_weights` without running any of its code) or any state dict with
+  ``visual.*`` keys: open_clip's ``open_clip_pytorch_model.bin`` / ``open_clip_model.safetensors``
+  and its training checkpoints (``{"state_dict": {"module.visual...."}, "optimizer": ...}``);
+  converted with timm's OpenAI-CLIP key filter (docs/clip.md).
+
+No file is ever unpickled with code execution: ``.pth``/``.pt`` files go through
+``torch.load(weights_only=True)`` and TorchScript archives through a restricted unpickler that
+rebuilds tensors only.
 
 Loading follows the official rule (docs/official-behaviour.md#pretrained-weights): unwrap ``model``/``state_dict``,
 skip keys that contain ``head`` or ``dist`` (and timm's obsolete ``pre_logits``), reshape a 2-D patch-embedding
@@ -23,9 +29,11 @@ load, so a file that does not fit leaves the backbone untouched.
 
 from __future__ import annotations
 
+import collections
+import io
 import math
+import pickle
 import re
-import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +49,14 @@ from editor_reid.errors import EditorReidError
 from editor_reid.model import _timm
 from editor_reid.model.backbone import PATCH_SIZE, ViTBackbone
 
-__all__ = ["PretrainedLoadError", "PretrainedReport", "filter_pretrained", "load_pretrained", "read_state_dict"]
+__all__ = [
+    "PretrainedLoadError",
+    "PretrainedReport",
+    "filter_pretrained",
+    "load_pretrained",
+    "read_state_dict",
+    "read_torchscript_weights",
+]
 
 PRETRAIN_CHOICES = ("imagenet", "clip", "none")
 # Backbone tensors a pretrained ViT does not provide: trained from scratch (SIE) or unused (fc).
@@ -69,6 +84,146 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
+# ----------------------------------------------------------------------------- TorchScript archives
+#
+# A TorchScript archive (torch.jit.save) is a zip: ``<name>/data.pkl`` pickles the module tree,
+# ``<name>/data/<key>`` holds the raw bytes of each storage, ``<name>/code/`` the TorchScript
+# source. ``torch.jit.load`` compiles and runs that code and unpickles without restriction, so a
+# crafted ViT-B-16.pt could run anything. Only data.pkl is read here, and its globals are limited
+# to what rebuilds tensors; the module objects (``__torch__.*`` classes) become inert attribute
+# holders, from which the tensors are collected under their dotted attribute paths (the names
+# ``state_dict()`` gives them).
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+class _ScriptObject:
+    """A TorchScript module or class instance as plain data: its pickled attributes, no methods."""
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.attributes = {}
+        return obj
+
+    def __init__(self, *args, **kwargs) -> None:  # called by REDUCE; the arguments are ignored
+        pass
+
+    def __setstate__(self, state) -> None:
+        self.attributes = dict(state) if isinstance(state, dict) else {}
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> torch.Tensor:
+    """``torch._utils._rebuild_tensor_v2`` on a flat tensor standing for the storage."""
+    if not isinstance(storage, torch.Tensor):
+        raise pickle.UnpicklingError("a tensor's storage is not a storage record")
+    try:
+        return storage.as_strided(tuple(int(n) for n in size), tuple(int(n) for n in stride), int(offset))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise pickle.UnpicklingError(f"tensor of size {size} does not fit its storage: {exc}") from exc
+
+
+def _type_tag(value, _type_name):
+    return value
+
+
+_SAFE_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch.jit._pickle", "build_intlist"): list,
+    ("torch.jit._pickle", "build_doublelist"): list,
+    ("torch.jit._pickle", "build_boollist"): list,
+    ("torch.jit._pickle", "build_tensorlist"): list,
+    ("torch.jit._pickle", "restore_type_tag"): _type_tag,
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, read_storage) -> None:
+        super().__init__(file)
+        self._read_storage = read_storage
+
+    def find_class(self, module: str, name: str):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) in _SAFE_GLOBALS:
+            return _SAFE_GLOBALS[(module, name)]
+        raise pickle.UnpicklingError(
+            f"global '{module}.{name}' is not allowed (only tensors and module attributes are read)"
+        )
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}; expected a storage record")
+        _, dtype, key, _location, numel = pid
+        return self._read_storage(str(key), dtype, int(numel))
+
+
+def _collect_tensors(root: _ScriptObject) -> dict[str, torch.Tensor]:
+    """Every tensor reachable through module attributes, keyed by its dotted path."""
+    out: dict[str, torch.Tensor] = {}
+    stack, seen = [("", root)], {id(root)}
+    while stack:
+        prefix, obj = stack.pop()
+        for name, value in obj.attributes.items():
+            if isinstance(value, torch.Tensor):
+                out[prefix + str(name)] = value
+            elif isinstance(value, _ScriptObject) and id(value) not in seen:
+                seen.add(id(value))
+                stack.append((f"{prefix}{name}.", value))
+    return out
+
+
+def read_torchscript_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript archive (e.g. OpenAI's ``ViT-B-16.pt``), by
+    their ``state_dict`` names, without running the archive's code or any pickled callable."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise PretrainedLoadError(f"'{path}' is a TorchScript archive without one '<name>/data.pkl' "
+                                          "(archives written before torch 1.4 are not supported)")
+            prefix = pickles[0][: -len("data.pkl")]
+            if f"{prefix}byteorder" in names and archive.read(f"{prefix}byteorder").strip() != b"little":
+                raise PretrainedLoadError(f"'{path}' stores big-endian tensors; only little-endian archives are read")
+            storages: dict[str, torch.Tensor] = {}
+
+            def read_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+                if key not in storages:
+                    member = f"{prefix}data/{key}"
+                    if member not in names:
+                        raise pickle.UnpicklingError(f"storage '{member}' is missing from the archive")
+                    raw = bytearray(archive.read(member))
+                    size = numel * torch.empty((), dtype=dtype).element_size()
+                    if len(raw) < size:
+                        raise pickle.UnpicklingError(f"storage '{member}' holds {len(raw)} bytes, expected {size}")
+                    storages[key] = torch.frombuffer(raw[:size], dtype=dtype) if size else torch.empty(0, dtype=dtype)
+                return storages[key]
+
+            root = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), read_storage).load()
+    except PretrainedLoadError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError, KeyError) as exc:
+        raise PretrainedLoadError(f"cannot read the TorchScript archive '{path}': {exc}") from exc
+    if not isinstance(root, _ScriptObject):
+        raise PretrainedLoadError(f"'{path}': data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    return _collect_tensors(root)
+
+
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -91,10 +246,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return dict(load_file(str(path), device="cpu"))
     if _is_torchscript(path):  # OpenAI's ViT-B-16.pt; weights_only loading cannot open it
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still reads it
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        return _unwrap(dict(obj), path)
+        return _unwrap(read_torchscript_weights(path), path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the path
@@ -155,8 +307,9 @@ def _resize_pos_embed(table: torch.Tensor, new_grid: tuple[int, int], distilled:
             f"'pos_embed' holds {count} patch positions, not a square grid; cannot infer its layout"
         )
     # The official resize is bilinear without antialiasing; timm's defaults (bicubic, antialias) differ.
+    # fp32 throughout: OpenAI's fp16 table is not rounded back to fp16 after the interpolation.
     resized = resample_abs_pos_embed(
-        table,
+        table.float(),
         new_size=list(new_grid),
         old_size=[side, side],
         num_prefix_tokens=prefix,
