@@ -213,3 +213,22 @@ def test_bench_report_times_and_sizes_the_report(tmp_path):
         assert report["size / 25 MB target"] == pytest.approx(report["size MB"] / 25, abs=1e-3)
         assert report["features"].startswith("random" if extra else "extracted")
         assert (tmp_path / "report.html").stat().st_size > 10_000
+
+
+def test_bench_bf16_compares_fp32_and_bf16(tmp_path):
+    out = tmp_path / "bf16.json"
+    result = _run_script("bench_bf16.py", "--tiny", "--size", "64x32", "--batch", "4", "--train-batch", "4",
+                         "--repeats", "1", "--train-repeats", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for key in ("fp32 triplets/s", "bf16 triplets/s", "fp32 train step s", "bf16 train step s"):
+        assert _positive(report[key]), key
+    assert 0 <= report["token-mask agreement"] <= 1
+    assert 0.9 < report["feature cosine min"] <= 1.0 + 1e-6
+    assert report["bf16"].startswith(("native", "emulated")) and "amp auto ->" in report["bf16"]
+
+
+def test_bench_model_grad_checkpointing_flag(tmp_path):
+    report, stdout = _run_bench_model(tmp_path, "--repeats", "1", "--train-repeats", "1", "--grad-checkpointing")
+    assert report["config"]["grad_checkpointing"] is True
+    assert "grad checkpointing True" in stdout

@@ -77,6 +77,11 @@ NOTES: dict[str, str] = {
     "model.ocfr_scope": "`local` is the official per-GPU behaviour. See [Multi-GPU](multi-gpu.md).",
     "model.sync_bn": "No effect in one process.",
     "model.compile": "On CPU a notice is logged and the eager model is kept.",
+    "model.grad_checkpointing": (
+        "Activation checkpointing in training: each backbone block and each HMA block keeps only its "
+        "input and is recomputed in the backward pass (the gradients are those of the plain model). "
+        "Less memory per step, more time; see [Performance](performance.md#memory)."
+    ),
     "input.size_train": "Training input size in pixels; multiples of 16, equal to `input.size_test`.",
     "input.size_test": "Test input size [H, W]; must equal `input.size_train` (the patch grid is fixed when the model is built).",
     "input.prob": "Probability of the training horizontal flip.",
@@ -120,7 +125,11 @@ NOTES: dict[str, str] = {
     "solver.warmup_factor": "Warmup starts at `base_lr` times this.",
     "solver.margin": "Triplet margin, used only when `model.no_margin` is false.",
     "solver.seed": "Seeds Python, NumPy, torch and the P×K sampler.",
-    "solver.amp": "`fp16` is CUDA only (with a GradScaler); `bf16` works on CUDA and CPU.",
+    "solver.amp": (
+        "`fp16` is CUDA only (with a GradScaler); `bf16` works on CUDA and CPU (on a CPU without "
+        "AVX512-BF16/AMX it is emulated and slow: one warning says so); `auto` picks bf16 where the "
+        "device computes it natively, else fp32 on CPU and fp16 on an old GPU."
+    ),
     "solver.checkpoint_period": "Write `checkpoints/epoch_<n>.pt` every N epochs (0 = never).",
     "solver.log_period": "Write a `train` record to `metrics.jsonl` every N steps.",
     "solver.eval_period": "Evaluate every N epochs (the last epoch is always evaluated).",

@@ -299,7 +299,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
         then = lambda run: print(f"report: {write_report(run, args.report, run_dir=run_dir_of(args.weights))}")  # noqa: E731
     run_test(cfg, args.weights, rerank=args.rerank, missing=args.missing, cross=args.cross,
              query_modalities=args.query_modalities, gallery_modalities=args.gallery_modalities, json_out=args.json,
-             then=then)
+             then=then, amp=args.amp)
     return 0
 
 
@@ -485,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gallery-modalities", metavar="M[,M]", default=None,
                    help="feed the gallery only these modalities, e.g. NI,TI (default: all)")
     p.add_argument("--json", default=None, help="write the metrics as JSON")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none",
+                   help="autocast for the feature extraction (fp16: CUDA only; auto: bf16 where the device computes "
+                        "it natively, else fp32 on CPU)")
     p.add_argument("--report", default=None, metavar="REPORT.html",
                    help="also write the HTML report of these weights on this test split (needs editor-reid[report])")
     _add_root(p)
@@ -559,7 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_integer(0), default=None, help="DataLoader workers (default: the config's)")
     p.add_argument("--no-normalize", action="store_true", help="write the features without L2 normalisation")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast (fp16: CUDA only)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none",
+                   help="autocast (fp16: CUDA only; auto: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--out", required=True, metavar="FEATS.npz", help="the feature file to write")
     p.set_defaults(func=_cmd_extract)
 

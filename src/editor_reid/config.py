@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: solver.amp: fp32, fp16 autocast with loss scaling (CUDA), bf16 autocast (CUDA or CPU).
-AMP_CHOICES = ("none", "fp16", "bf16")
+AMP_CHOICES = ("none", "fp16", "bf16", "auto")
 
 #: The largest seed: NumPy's global generator takes 32-bit seeds.
 MAX_SEED = 2**32 - 1
@@ -101,6 +101,7 @@ class ModelConfig:
     ocfr_scope: str = "global"  # "global" | "local": OCFR centre updates from the global batch or per rank
     sync_bn: bool = False  # convert the BatchNorm necks to SyncBatchNorm under DDP
     compile: bool = False  # torch.compile the model (CUDA)
+    grad_checkpointing: bool = False  # recompute backbone and HMA blocks in the backward pass: less memory, more time
 
 
 @dataclass

@@ -17,7 +17,51 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["maybe_compile", "determinism", "release_freed_memory"]
+__all__ = ["maybe_compile", "determinism", "release_freed_memory", "cpu_bf16_native", "resolve_amp"]
+
+_warned_slow_bf16 = False
+
+
+def cpu_bf16_native() -> tuple[bool, str]:
+    """(whether this CPU computes bf16 natively, a description): native means the AVX512-BF16 or
+    AMX-BF16 instructions (/proc/cpuinfo flags ``avx512_bf16`` / ``amx_bf16``); the description
+    also names torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``)."""
+    flags: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    native = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+    capability = torch.backends.cpu.get_cpu_capability()
+    what = f"{', '.join(native)}; torch capability {capability}" if native else (
+        f"no AVX512-BF16 or AMX-BF16; torch capability {capability}")
+    return bool(native), what
+
+
+def resolve_amp(amp: str, device: torch.device | str) -> str:
+    """The precision ``amp`` ("none", "fp16", "bf16" or "auto") means on ``device``.
+
+    "auto": bf16 on a CUDA device that supports it (fp16 on one that does not), bf16 on a CPU
+    with native bf16 (:func:`cpu_bf16_native`), fp32 ("none") on any other CPU, where bf16 is
+    emulated and slower than fp32. An explicit "bf16" on such a CPU is kept, with one warning per
+    process saying why it will be slow.
+    """
+    global _warned_slow_bf16
+    kind = torch.device(device).type
+    if amp == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_bf16_native()[0] else "none"
+    if amp == "bf16" and kind == "cpu" and not _warned_slow_bf16:
+        native, what = cpu_bf16_native()
+        if not native:
+            _warned_slow_bf16 = True
+            log.warning("bf16 on a CPU without native bf16 (%s): bf16 is emulated there and usually several times "
+                        "slower than fp32; amp 'auto' or 'none' keeps fp32", what)
+    return amp
 
 
 @contextlib.contextmanager

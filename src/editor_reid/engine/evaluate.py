@@ -22,6 +22,7 @@ from editor_reid.data.validate import preflight
 from editor_reid.engine import checkpoint as ckpt
 from editor_reid.engine.acceleration import maybe_compile
 from editor_reid.engine.checkpoint import CheckpointError
+from editor_reid.engine.solver import autocast_context
 from editor_reid.engine.inference import (
     METRIC_KEYS,
     FeatureCache,
@@ -280,7 +281,8 @@ def _write_json(json_out: str | Path | None, result: dict) -> None:
 def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing: str | None = None,
              cross: str | None = None, query_modalities: str | Sequence[str] | None = None,
              gallery_modalities: str | Sequence[str] | None = None, json_out: str | Path | None = None,
-             device: str | None = None, quiet: bool = False, then: Callable[[TestRun], Any] | None = None) -> dict:
+             device: str | None = None, quiet: bool = False, then: Callable[[TestRun], Any] | None = None,
+             amp: str = "none") -> dict:
     """Evaluate ``weights`` on the test split of ``cfg.datasets.names`` and print a table.
 
     ``missing="all"`` evaluates every non-empty subset of the configured modalities (absent
@@ -295,11 +297,13 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     Returns (and writes to ``json_out``) the metrics as fractions: ``{"mAP", "rank1", "rank5",
     "rank10", "mINP"}``, or with ``missing`` one such dict per subset plus ``"average"``, or with
     ``cross`` one per pair (``"RGB->NI"``), ``"average"`` (of the pairs) and ``"RGB+NI+TI"``.
-    ``then`` is called last with the :class:`TestRun` (the report hooks in there).
+    ``then`` is called last with the :class:`TestRun` (the report hooks in there). ``amp``
+    ("none", "bf16", "fp16" on CUDA, "auto") runs the feature extraction under autocast.
     """
     kind, plan = _row_plan(cfg, missing, cross, query_modalities, gallery_modalities)
     ensure_console_log()
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast_context(dev, amp)  # an amp the device cannot run fails here, before anything is loaded
     state = ckpt.load_checkpoint(weights, map_location="cpu")
     # Only the evaluation split is needed: the checkpoint tells its identity and camera counts.
     splits = load_configured(cfg.datasets, splits=("query", "gallery"))
@@ -310,7 +314,7 @@ def run_test(cfg: Config, weights: str | Path, *, rerank: bool = False, missing:
     _check_cameras(model, splits, weights)
     maybe_compile(model.to(dev).eval(), cfg)
     rerank = rerank or cfg.test.re_ranking
-    features = FeatureCache(model, *build_eval_loaders(cfg, splits), dev, keep_token_masks=then is not None)
+    features = FeatureCache(model, *build_eval_loaders(cfg, splits), dev, amp=amp, keep_token_masks=then is not None)
     rows = _evaluate_rows(cfg, features, splits.protocol, plan, rerank)
     if kind == "missing":
         rows["average"] = _average(list(rows.values()))

@@ -23,6 +23,7 @@ import torch.nn as nn
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 from editor_reid.config import AMP_CHOICES, ConfigError
+from editor_reid.engine.acceleration import resolve_amp
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +211,16 @@ def _check_amp(amp: str) -> None:
 
 
 def autocast_context(device_type: str | torch.device, amp: str):
-    """The autocast context for ``solver.amp``: "none" (fp32), "fp16" (CUDA only) or "bf16".
+    """The autocast context for ``solver.amp``: "none" (fp32), "fp16" (CUDA only), "bf16", or
+    "auto" (:func:`~editor_reid.engine.acceleration.resolve_amp`: bf16 where the device computes
+    it natively, else fp32 on CPU and fp16 on an old GPU).
 
     fp16 on CPU is refused: CPU autocast has no loss scaling and its fp16 kernels are slow;
     use "bf16" there.
     """
     _check_amp(amp)
     kind = _device_kind(device_type)
+    amp = resolve_amp(amp, kind)
     if amp == "none":
         return contextlib.nullcontext()
     if amp == "fp16":
@@ -233,4 +237,5 @@ def make_grad_scaler(device_type: str | torch.device, amp: str) -> torch.amp.Gra
     """A GradScaler, enabled only for fp16 on CUDA (bf16 and fp32 need no loss scaling)."""
     _check_amp(amp)
     kind = _device_kind(device_type)
+    amp = resolve_amp(amp, kind) if amp == "auto" else amp
     return torch.amp.GradScaler(kind, enabled=(kind == "cuda" and amp == "fp16"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from editor_reid.errors import EditorReidError
@@ -189,10 +190,17 @@ def embed_tokens(vit: nn.Module, images: torch.Tensor, offset: torch.Tensor | No
     return vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
 
 
-def run_blocks(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm's own block forward (fused attention): [B, L, D] -> [B, L, D], before the final norm."""
+def run_blocks(vit: nn.Module, x: torch.Tensor, checkpoint: bool = False) -> torch.Tensor:
+    """timm's own block forward (fused attention): [B, L, D] -> [B, L, D], before the final norm.
+
+    ``checkpoint``: with gradients, keep only each block's input and recompute the block in the
+    backward pass (``torch.utils.checkpoint``, non-reentrant; the RNG state of drop path is
+    replayed, so the gradients are those of the plain forward)."""
     for block in vit.blocks:
-        x = block(x)
+        if checkpoint and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
     return x
 
 

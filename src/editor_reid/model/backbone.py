@@ -262,6 +262,9 @@ class ViTBackbone(nn.Module):
         # Grad path: each block's qkv output is stashed (detached) while a forward runs.
         self._qkv: list[torch.Tensor | None] = [None] * self.depth
         self._capturing = False
+        #: Activation checkpointing of the blocks in training (``model.grad_checkpointing``): each
+        #: block is recomputed in the backward pass instead of keeping its activations.
+        self.grad_checkpointing = False
         for index, block in enumerate(blocks):
             _timm.qkv_layer(block).register_forward_hook(partial(self._stash_qkv, index))
 
@@ -383,7 +386,7 @@ class ViTBackbone(nn.Module):
         self.check_cameras(cam_ids)
         x = self.embed(images, cam_ids)
         if not (rollout or return_attn or select is not None):
-            tokens = _timm.final_norm(self.vit, _timm.run_blocks(self.vit, x))
+            tokens = _timm.final_norm(self.vit, _timm.run_blocks(self.vit, x, checkpoint=self.grad_checkpointing))
             return BackboneOutput(tokens=tokens, rollout=None, attn=None)
         if torch.is_grad_enabled():
             tokens, maps, row = self._forward_captured(x, return_attn)
@@ -398,7 +401,7 @@ class ViTBackbone(nn.Module):
         """Grad path: timm blocks (fused attention), maps recomputed afterwards from captured qkv."""
         self._capturing = True
         try:
-            tokens = _timm.final_norm(self.vit, _timm.run_blocks(self.vit, x))
+            tokens = _timm.final_norm(self.vit, _timm.run_blocks(self.vit, x, checkpoint=self.grad_checkpointing))
             with torch.no_grad():
                 blocks = _timm.blocks(self.vit)
 

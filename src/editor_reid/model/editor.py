@@ -261,6 +261,10 @@ def build_model(cfg, num_classes: int, num_cameras: int, *, pretrained: bool = F
         hma_heads=m.hma_heads,
         al=m.al,
     )
+    if m.grad_checkpointing:
+        model.backbone.grad_checkpointing = True
+        if model.hma is not None:
+            model.hma.grad_checkpointing = True
     if pretrained and m.pretrain_path and m.pretrain_choice != "none":
         load_pretrained(model, m.pretrain_path, m.pretrain_choice)
     return model

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -161,7 +162,14 @@ class HMA(nn.Module):
         self.fusion_block = MaskedBlock(dim, num_heads, mlp_ratio)
         self.out_norm = nn.LayerNorm(dim)
         self.reduce = nn.ModuleDict({m: nn.Linear(2 * dim, dim) for m in self.modalities})
+        #: Recompute the masked blocks in the backward pass instead of keeping their activations.
+        self.grad_checkpointing = False
         self._init_weights()
+
+    def _block(self, block: nn.Module, *args) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -192,10 +200,10 @@ class HMA(nn.Module):
             sample, slot = rows // length, rows % length
             # The same positions in the concatenated [B, M·Lc] sequences, modality by modality.
             joint_rows = torch.cat([sample * num_mod * length + m * length + slot for m in range(num_mod)])
-        stage1 = [self.modal_blocks[m](x, valid, all_valid, rows) for m, x in zip(self.modalities, compact)]
+        stage1 = [self._block(self.modal_blocks[m], x, valid, all_valid, rows) for m, x in zip(self.modalities, compact)]
         cls = {m: x[:, 0] for m, x in zip(self.modalities, stage1)}
         joint_valid = valid.repeat(1, num_mod)
-        joint = self.fusion_block(torch.cat(stage1, dim=1), joint_valid, all_valid, joint_rows)
+        joint = self._block(self.fusion_block, torch.cat(stage1, dim=1), joint_valid, all_valid, joint_rows)
         joint = self.out_norm(joint) * joint_valid.unsqueeze(-1).to(joint.dtype)
         count = mask.sum(dim=1, keepdim=True).clamp(min=1).to(joint.dtype)  # |M_U|
         features = []
