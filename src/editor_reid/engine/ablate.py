@@ -20,7 +20,7 @@ import yaml
 
 from editor_reid.config import Config, ConfigError, config_from_dict, config_to_dict, load_config
 from editor_reid.data.layouts import MANIFEST
-from editor_reid.engine.rundir import RESUMABLE_KEYS
+from editor_reid.engine.rundir import flat_keys, is_resumable
 from editor_reid.errors import TrainingInterrupted
 
 __all__ = ["ROWS", "SWITCHES", "PAPER_ROWS", "parse_rows", "check_overrides", "row_config", "run_ablation",
@@ -69,7 +69,6 @@ TABLE_HEADERS = ("mAP", "R-1", "R-5", "R-10")
 
 #: Keys a finished or interrupted run may differ in from the command (what a resume may change);
 #: everything else must match, or the table would mix recipes.
-_REUSABLE_PREFIXES = (*RESUMABLE_KEYS, "output_dir")
 
 
 def parse_rows(text: str) -> list[str]:
@@ -185,16 +184,6 @@ def _check_weights(cfg: Config, rows: list[str]) -> None:
                               f"row(s) {','.join(using)} that the ablation runs with it; set model.{weight_key} > 0")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _check_reusable(row_cfg: Config, seed: int) -> None:
     """ConfigError when ``row_<R>/seed_<s>`` holds a run of another recipe: a resume would keep
     the run's own config, and the table would compare different recipes."""
@@ -207,11 +196,11 @@ def _check_reusable(row_cfg: Config, seed: int) -> None:
     except (yaml.YAMLError, ValueError) as exc:
         raise ConfigError(f"ablate: {saved_path} is not valid YAML ({exc.__class__.__name__}); move the run "
                           "directory away or choose a new output_dir=...") from exc
-    saved = _flat(config_to_dict(config_from_dict(data, source=str(saved_path))))
+    saved = flat_keys(config_to_dict(config_from_dict(data, source=str(saved_path))))
     wanted = copy.deepcopy(row_cfg)
     wanted.solver.seed = seed
-    for key, value in _flat(config_to_dict(wanted)).items():
-        if key.startswith(_REUSABLE_PREFIXES) or saved.get(key) == value:
+    for key, value in flat_keys(config_to_dict(wanted)).items():
+        if key == "output_dir" or is_resumable(key) or saved.get(key) == value:
             continue
         raise ConfigError(f"ablate: {run_dir} was trained with {key}={saved.get(key)!r} but this command asks for "
                           f"{value!r}: choose a new output_dir=... for another recipe (or restore the run's value)")

@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -17,23 +18,34 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["maybe_compile", "determinism", "release_freed_memory", "cpu_bf16_native", "resolve_amp"]
+__all__ = ["maybe_compile", "determinism", "release_freed_memory", "cpu_bf16_native", "cpu_name", "resolve_amp"]
 
 _warned_slow_bf16 = False
+
+
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line of Linux's /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's ``model name``), else what ``platform`` knows; named
+    with every speed figure (benchmarks, the report's environment)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_bf16_native() -> tuple[bool, str]:
     """(whether this CPU computes bf16 natively, a description): native means the AVX512-BF16 or
     AMX-BF16 instructions (/proc/cpuinfo flags ``avx512_bf16`` / ``amx_bf16``); the description
     also names torch's CPU capability (``torch.backends.cpu.get_cpu_capability()``)."""
-    flags: set[str] = set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    flags = set(_cpuinfo("flags").split())
     native = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
     capability = torch.backends.cpu.get_cpu_capability()
     what = f"{', '.join(native)}; torch capability {capability}" if native else (

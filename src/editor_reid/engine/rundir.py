@@ -33,7 +33,8 @@ import yaml
 
 from editor_reid.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config
 
-__all__ = ["RESUMABLE_KEYS", "RunDir", "open_run_dir", "resume_config", "last_state_path", "initialisation"]
+__all__ = ["RESUMABLE_KEYS", "RunDir", "open_run_dir", "resume_config", "last_state_path", "initialisation", "flat_keys",
+           "is_resumable"]
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +142,17 @@ def initialisation(cfg: Config) -> str:
     return f"{m.pretrain_choice} weights from {m.pretrain_path}"
 
 
-def _is_resumable(key: str) -> bool:
+def is_resumable(key: str) -> bool:
+    """Whether a resume may change the dotted config ``key`` (:data:`RESUMABLE_KEYS`)."""
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flat_keys(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}``."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -166,12 +169,12 @@ def resume_config(run_dir: str | Path, cfg: Config) -> Config:
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: {path} does not exist (is '{run_dir}' a run directory?)")
     saved = config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
-    saved_flat, new_flat = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    saved_flat, new_flat = flat_keys(config_to_dict(saved)), flat_keys(config_to_dict(cfg))
     taken, ignored = [], []
     for key, value in new_flat.items():
         if key == "output_dir" or saved_flat.get(key) == value:
             continue
-        if _is_resumable(key):
+        if is_resumable(key):
             section, name = key.split(".", 1)
             setattr(getattr(saved, section), name, value)
             taken.append(f"{key}={value!r}")

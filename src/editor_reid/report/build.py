@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from editor_reid.config import Config, dump_config, load_config
 from editor_reid.data.loaders import build_test_loader
+from editor_reid.engine.acceleration import cpu_name
 from editor_reid.engine.evaluate import TestRun, run_test
 from editor_reid.engine.inference import METRIC_KEYS, batch_images
 from editor_reid.engine.progress import Progress
@@ -381,7 +382,7 @@ def _config_section(cfg: Config, run_dir: Path | None) -> str:
         rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in env.items())
         parts.append(f"<h3>Training environment (env.json)</h3><table>{rows}</table>")
     here = {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-            "processor": _cpu_name()}
+            "processor": cpu_name()}
     try:
         import timm
 
@@ -395,17 +396,6 @@ def _config_section(cfg: Config, run_dir: Path | None) -> str:
     parts.append(f"<h3>Report command line</h3><pre>{html.escape(' '.join(sys.argv))}</pre>")
     source = f"the run's {saved}" if saved is not None and saved.is_file() else "the config given to the evaluation"
     return _note(f"Configuration: {html.escape(source)}, as the report used it.") + "".join(parts)
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 SECTIONS = (
