@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from torch import nn
 
 from editor_reid.model.backbone import UNKNOWN_CAMERA, ViTBackbone, rollout_cls_row
 from editor_reid.model.pretrained import PretrainedLoadError, filter_pretrained, load_pretrained
+from _torchscript import write_torchscript_archive
 
 TINY = dict(embed_dim=64, depth=3, num_heads=4)
 
@@ -296,34 +296,13 @@ def _openai_clip_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-class _Holder(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _torchscript_archive(state: dict[str, torch.Tensor], path):
-    """A TorchScript archive holding ``state`` under its dotted names, like OpenAI's ViT-B-16.pt."""
-    root = _Holder()
-    for key, value in state.items():
-        *parts, leaf = key.split(".")
-        node = root
-        for part in parts:
-            if not hasattr(node, part):
-                node.add_module(part, _Holder())
-            node = getattr(node, part)
-        node.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.script(root).save(str(path))
-
-
 @pytest.mark.parametrize("container", ["state_dict", "torchscript"])
 def test_openai_clip_checkpoint_loads(tmp_path, container):
     source = _timm_source("vit_base_patch16_clip_quickgelu_224")
     state = _openai_clip_state(source)
     path = tmp_path / "ViT-B-16.pt"
     if container == "torchscript":
-        _torchscript_archive(state, path)
+        write_torchscript_archive(state, path)
     else:
         torch.save(state, path)
     bb = tiny_backbone((64, 32), arch="vit_base_patch16_clip_224")

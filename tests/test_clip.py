@@ -23,6 +23,7 @@ from editor_reid.engine.train import train
 from editor_reid.model.backbone import ViTBackbone
 from editor_reid.model.editor import build_model
 from editor_reid.model.pretrained import PretrainedLoadError, load_pretrained, read_torchscript_weights
+from _torchscript import write_torchscript_archive
 
 WIDTH, DEPTH, HEADS = 64, 2, 2
 
@@ -116,27 +117,6 @@ def _openai_layout(vit: nn.Module, dtype=torch.float16) -> dict[str, torch.Tenso
     return out
 
 
-class _Node(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _torchscript(state: dict[str, torch.Tensor], path) -> None:
-    """A TorchScript archive (torch.jit.save) whose module tree holds ``state`` under its dotted names."""
-    root = _Node()
-    for key, value in state.items():
-        *parents, leaf = key.split(".")
-        node = root
-        for part in parents:
-            if not hasattr(node, part):
-                node.add_module(part, _Node())
-            node = getattr(node, part)
-        node.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.script(root).save(str(path))
-
-
 def _tiny_clip_backbone(arch="vit_base_patch16_clip_224") -> ViTBackbone:
     torch.manual_seed(0)
     return ViTBackbone(arch, (64, 32), num_cameras=3, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, drop_path=0.0)
@@ -171,7 +151,7 @@ def _assert_backbone_holds(backbone: ViTBackbone, state: dict[str, torch.Tensor]
 def test_openai_torchscript_archive_is_read_without_torch_jit(tmp_path, monkeypatch):
     state = _openai_layout(_clip_source())
     path = tmp_path / "ViT-B-16.pt"
-    _torchscript(state, path)
+    write_torchscript_archive(state, path)
     with zipfile.ZipFile(path) as archive:  # the real container: pickled module tree + TorchScript code
         names = archive.namelist()
     assert any(n.endswith("/data.pkl") for n in names) and any("/code/" in n for n in names)
@@ -272,7 +252,7 @@ def test_torchscript_classes_become_inert_containers(tmp_path):
 
 def test_truncated_storage_is_a_clear_error(tmp_path):
     path = tmp_path / "ViT-B-16.pt"
-    _torchscript({"visual.proj": torch.randn(8, 4)}, path)
+    write_torchscript_archive({"visual.proj": torch.randn(8, 4)}, path)
     damaged = tmp_path / "damaged.pt"
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(damaged, "w") as dst:
         for item in src.infolist():
@@ -319,7 +299,7 @@ def _tiny_preset(data_root, out, weights) -> list[str]:
 def test_clip_preset_trains_end_to_end_from_an_openai_archive(train_data, tmp_path):
     state = _openai_layout(_clip_source())
     weights = tmp_path / "ViT-B-16.pt"
-    _torchscript(state, weights)
+    write_torchscript_archive(state, weights)
     cfg = load_config(resolve_config_path("rgbnt201_clip"), _tiny_preset(train_data, tmp_path / "run", weights))
     summary = train(cfg, quiet=True)
     assert summary["final"]["epoch"] == 1
