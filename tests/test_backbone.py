@@ -12,7 +12,7 @@ from torch import nn
 
 from editor_reid.model.backbone import UNKNOWN_CAMERA, ViTBackbone, rollout_cls_row
 from editor_reid.model.pretrained import PretrainedLoadError, filter_pretrained, load_pretrained
-from _torchscript import write_torchscript_archive
+from _clip_files import openai_clip_state, write_torchscript_archive
 
 TINY = dict(embed_dim=64, depth=3, num_heads=4)
 
@@ -270,36 +270,10 @@ def test_npz_checkpoint_loads(tmp_path):
         load_pretrained(deeper, path, "imagenet")
 
 
-def _openai_clip_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """OpenAI CLIP key layout (``visual.*``) written from a timm CLIP ViT, plus text-tower keys."""
-    sd = model.state_dict()
-    out = {
-        "visual.conv1.weight": sd["patch_embed.proj.weight"],
-        "visual.class_embedding": sd["cls_token"][0, 0],
-        "visual.positional_embedding": sd["pos_embed"][0],
-        "visual.ln_pre.weight": sd["norm_pre.weight"],
-        "visual.ln_pre.bias": sd["norm_pre.bias"],
-        "visual.ln_post.weight": sd["norm.weight"],
-        "visual.ln_post.bias": sd["norm.bias"],
-        "visual.proj": torch.randn(model.embed_dim, 32),
-        "token_embedding.weight": torch.randn(100, 32),
-        "logit_scale": torch.tensor(4.6),
-    }
-    for i in range(len(model.blocks)):
-        p, b = f"visual.transformer.resblocks.{i}.", f"blocks.{i}."
-        out[p + "ln_1.weight"], out[p + "ln_1.bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
-        out[p + "ln_2.weight"], out[p + "ln_2.bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
-        out[p + "attn.in_proj_weight"], out[p + "attn.in_proj_bias"] = sd[b + "attn.qkv.weight"], sd[b + "attn.qkv.bias"]
-        out[p + "attn.out_proj.weight"], out[p + "attn.out_proj.bias"] = sd[b + "attn.proj.weight"], sd[b + "attn.proj.bias"]
-        out[p + "mlp.c_fc.weight"], out[p + "mlp.c_fc.bias"] = sd[b + "mlp.fc1.weight"], sd[b + "mlp.fc1.bias"]
-        out[p + "mlp.c_proj.weight"], out[p + "mlp.c_proj.bias"] = sd[b + "mlp.fc2.weight"], sd[b + "mlp.fc2.bias"]
-    return {k: v.detach().clone() for k, v in out.items()}
-
-
 @pytest.mark.parametrize("container", ["state_dict", "torchscript"])
 def test_openai_clip_checkpoint_loads(tmp_path, container):
     source = _timm_source("vit_base_patch16_clip_quickgelu_224")
-    state = _openai_clip_state(source)
+    state = openai_clip_state(source, dtype=torch.float32)
     path = tmp_path / "ViT-B-16.pt"
     if container == "torchscript":
         write_torchscript_archive(state, path)

@@ -23,7 +23,7 @@ from editor_reid.engine.train import train
 from editor_reid.model.backbone import ViTBackbone
 from editor_reid.model.editor import build_model
 from editor_reid.model.pretrained import PretrainedLoadError, load_pretrained, read_torchscript_weights
-from _torchscript import write_torchscript_archive
+from _clip_files import openai_clip_state, write_torchscript_archive
 
 WIDTH, DEPTH, HEADS = 64, 2, 2
 
@@ -85,38 +85,6 @@ def _clip_source(arch="vit_base_patch16_clip_quickgelu_224") -> nn.Module:
     return timm.create_model(arch, pretrained=False, num_classes=0, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS)
 
 
-def _openai_layout(vit: nn.Module, dtype=torch.float16) -> dict[str, torch.Tensor]:
-    """The key layout of OpenAI's CLIP state dict (``visual.*`` plus text-tower and metadata keys),
-    in fp16 as the released ViT-B-16.pt."""
-    sd = {k: v.detach() for k, v in vit.state_dict().items()}
-    out = {
-        "visual.class_embedding": sd["cls_token"][0, 0],
-        "visual.positional_embedding": sd["pos_embed"][0],
-        "visual.conv1.weight": sd["patch_embed.proj.weight"],
-        "visual.ln_pre.weight": sd["norm_pre.weight"],
-        "visual.ln_pre.bias": sd["norm_pre.bias"],
-        "visual.ln_post.weight": sd["norm.weight"],
-        "visual.ln_post.bias": sd["norm.bias"],
-        "visual.proj": torch.randn(WIDTH, 32),
-        "positional_embedding": torch.randn(77, 32),
-        "text_projection": torch.randn(32, 32),
-        "token_embedding.weight": torch.randn(100, 32),
-        "ln_final.weight": torch.ones(32),
-        "logit_scale": torch.tensor(4.6052),
-    }
-    names = {"ln_1": "norm1", "ln_2": "norm2", "attn.in_proj": "attn.qkv", "attn.out_proj": "attn.proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    for i in range(DEPTH):
-        for clip_name, timm_name in names.items():
-            for leaf in ("weight", "bias"):
-                clip_leaf = f"{clip_name}_{leaf}" if clip_name == "attn.in_proj" else f"{clip_name}.{leaf}"
-                out[f"visual.transformer.resblocks.{i}.{clip_leaf}"] = sd[f"blocks.{i}.{timm_name}.{leaf}"]
-    out = {k: v.to(dtype).clone() for k, v in out.items()}
-    out["input_resolution"] = torch.tensor(224)  # top-level integer tensors, as in ViT-B-16.pt
-    out["context_length"] = torch.tensor(77)
-    return out
-
-
 def _tiny_clip_backbone(arch="vit_base_patch16_clip_224") -> ViTBackbone:
     torch.manual_seed(0)
     return ViTBackbone(arch, (64, 32), num_cameras=3, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, drop_path=0.0)
@@ -149,7 +117,7 @@ def _assert_backbone_holds(backbone: ViTBackbone, state: dict[str, torch.Tensor]
 
 
 def test_openai_torchscript_archive_is_read_without_torch_jit(tmp_path, monkeypatch):
-    state = _openai_layout(_clip_source())
+    state = openai_clip_state(_clip_source())
     path = tmp_path / "ViT-B-16.pt"
     write_torchscript_archive(state, path)
     with zipfile.ZipFile(path) as archive:  # the real container: pickled module tree + TorchScript code
@@ -180,7 +148,7 @@ def test_openai_torchscript_archive_is_read_without_torch_jit(tmp_path, monkeypa
 
 @pytest.mark.parametrize("container", ["bin", "safetensors", "training_checkpoint"])
 def test_open_clip_files_load(tmp_path, container):
-    state = _openai_layout(_clip_source("vit_base_patch16_clip_224"), dtype=torch.float32)
+    state = openai_clip_state(_clip_source("vit_base_patch16_clip_224"), dtype=torch.float32)
     state.pop("input_resolution"), state.pop("context_length")  # open_clip's files do not carry them
     if container == "bin":
         path = tmp_path / "open_clip_pytorch_model.bin"
@@ -297,7 +265,7 @@ def _tiny_preset(data_root, out, weights) -> list[str]:
 
 
 def test_clip_preset_trains_end_to_end_from_an_openai_archive(train_data, tmp_path):
-    state = _openai_layout(_clip_source())
+    state = openai_clip_state(_clip_source())
     weights = tmp_path / "ViT-B-16.pt"
     write_torchscript_archive(state, weights)
     cfg = load_config(resolve_config_path("rgbnt201_clip"), _tiny_preset(train_data, tmp_path / "run", weights))
