@@ -67,6 +67,18 @@ def junk_keys(
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
 
 
+def query_gallery_labels(num_q: int, num_g: int, q_pids: Any, g_pids: Any, q_camids: Any, g_camids: Any,
+                         q_sceneids: Any, g_sceneids: Any, protocol: str):
+    """The checked pids of query and gallery and their junk keys under ``protocol``
+    (:func:`junk_keys`): ``(q_pids, g_pids, q_keys, g_keys)`` as int64 arrays."""
+    qp = as_ids(q_pids, "q_pids", num_q)
+    gp = as_ids(g_pids, "g_pids", num_g)
+    qc = as_ids(q_camids, "q_camids", num_q)
+    gc = as_ids(g_camids, "g_camids", num_g)
+    qk, gk = junk_keys(protocol, qc, gc, q_sceneids, g_sceneids)
+    return qp, gp, qk, gk
+
+
 def check_distances(d: np.ndarray, name: str = "distmat") -> None:
     # min/max propagate NaN and expose +-inf without allocating a [Q, G] mask.
     if d.size and not (np.isfinite(d.min()) and np.isfinite(d.max())):

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import as_ids, check_distances, junk_keys, to_numpy
+from ._common import check_distances, query_gallery_labels, to_numpy
 from .distance import DEFAULT_CHUNK_SIZE, DistanceBlocks, check_chunk_size
 
 # Rows ranked together: small enough that the [rows, G] scratch buffers stay cache-friendly.
@@ -302,15 +302,6 @@ def _check_max_rank(max_rank: int) -> int:
     return int(max_rank)
 
 
-def _labels(num_q, num_g, q_pids, g_pids, q_camids, g_camids, q_sceneids, g_sceneids, protocol):
-    qp = as_ids(q_pids, "q_pids", num_q)
-    gp = as_ids(g_pids, "g_pids", num_g)
-    qc = as_ids(q_camids, "q_camids", num_q)
-    gc = as_ids(g_camids, "g_camids", num_g)
-    qk, gk = junk_keys(protocol, qc, gc, q_sceneids, g_sceneids)
-    return qp, gp, qk, gk
-
-
 def evaluate_rank(
     distmat: Any,
     q_pids: Any,
@@ -350,7 +341,7 @@ def evaluate_rank(
     if d.ndim != 2:
         raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {d.shape}")
     num_q, num_g = d.shape
-    qp, gp, qk, gk = _labels(
+    qp, gp, qk, gk = query_gallery_labels(
         num_q, num_g, q_pids, g_pids, q_camids, g_camids, q_sceneids, g_sceneids, protocol
     )
     acc = _Accumulator(max_rank, per_query)
@@ -390,7 +381,7 @@ def evaluate_features(
     max_rank = _check_max_rank(max_rank)
     chunk_size = check_chunk_size(chunk_size)
     blocks = DistanceBlocks(qf, gf, metric, normalize)
-    qp, gp, qk, gk = _labels(
+    qp, gp, qk, gk = query_gallery_labels(
         blocks.num_query,
         blocks.num_gallery,
         q_pids,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import as_ids, check_distances, junk_keys, to_numpy
+from ._common import check_distances, query_gallery_labels, to_numpy
 
 DEFAULT_FPRS = (1e-4, 1e-3, 1e-2)
 CONVENTIONS = ("verification", "fastreid")
@@ -74,12 +74,8 @@ def pair_roc(
     if d.ndim != 2:
         raise ValueError(f"distmat must be 2-D [num_query, num_gallery], got shape {d.shape}")
     check_distances(d)
-    num_q, num_g = d.shape
-    qp = as_ids(q_pids, "q_pids", num_q)
-    gp = as_ids(g_pids, "g_pids", num_g)
-    qc = as_ids(q_camids, "q_camids", num_q)
-    gc = as_ids(g_camids, "g_camids", num_g)
-    qk, gk = junk_keys(protocol, qc, gc, q_sceneids, g_sceneids)
+    qp, gp, qk, gk = query_gallery_labels(*d.shape, q_pids, g_pids, q_camids, g_camids, q_sceneids, g_sceneids,
+                                          protocol)
 
     same = qp[:, None] == gp[None, :]  # [Q, G]
     kept = ~(same & (qk[:, None] == gk[None, :]))
