@@ -20,7 +20,7 @@ pytest.importorskip("faiss")
 from editor_reid.cli import main  # noqa: E402
 from editor_reid.deploy.gallery import (  # noqa: E402
     AUTO_FLAT_MAX, FORMAT_VERSION, GalleryIndex, GalleryIndexError, IndexFileError, index_info, resolve_kind)
-from editor_reid.features.store import FeatureFile, save_feature_file  # noqa: E402
+from editor_reid.features.store import FeatureFile, load_feature_file, save_feature_file  # noqa: E402
 from editor_reid.metrics import pairwise_distance  # noqa: E402
 
 DIM = 32
@@ -267,14 +267,16 @@ def test_acknowledged_adds_survive_sigkill(tmp_path):
             line = child.stdout.readline()
             if not line:
                 break
-            acknowledged.append(tuple(map(int, line.split())))
+            acknowledged.append(line)
         time.sleep(float(rng.uniform(0, 0.03)))  # somewhere in a later add or save
         child.send_signal(signal.SIGKILL)
         rest, _ = child.communicate(timeout=60)
-        acknowledged += [tuple(map(int, line.split())) for line in rest.splitlines()]
+        acknowledged += rest.splitlines(keepends=True)
         assert child.returncode == -signal.SIGKILL
         loaded = GalleryIndex.load(directory)  # loads after every kill
     pid = loaded.metadata["pid"]
+    # A line the kill cut short (no newline yet) is not counted: the test cannot read what it said.
+    acknowledged = [tuple(map(int, line.split())) for line in acknowledged if line.endswith("\n")]
     assert len(acknowledged) >= 6
     for first, n, tag in acknowledged:
         assert first + n <= loaded.size and (pid[first:first + n] == tag).all(), (first, n, tag)
@@ -433,11 +435,18 @@ def test_cli_index_build_add_info(feature_files, tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["total_entries"] == 50 and info["journal_entries"] == 10 and info["dim"] == DIM
     assert {"metric", "kind", "fingerprint", "thresholds"} <= set(info)
+    # The same samples again add nothing (sample keys); a file of new ones adds its rows.
     assert main(["index", "add", "--index", str(out), "--features", str(more), "--compact"]) == 0
-    capsys.readouterr()
+    assert "0 new, 10 held already" in capsys.readouterr().out
+    newer = feature_files("newer.npz", 10, splits=("",), seed=2, fingerprint="f00d")
+    newer_ff = load_feature_file(newer)
+    newer_ff.paths["RGB"] = np.array([f"new{i}.png" for i in range(10)])
+    save_feature_file(newer, newer_ff)
+    assert main(["index", "add", "--index", str(out), "--features", str(newer), "--compact"]) == 0
+    assert "10 new, 0 held already" in capsys.readouterr().out
     assert main(["index", "info", "--index", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["entries"] == 60 and info["journal_entries"] == 0 and info["generation"] == 3
+    assert info["entries"] == 60 and info["journal_entries"] == 0 and info["generation"] == 4
 
 
 def test_cli_index_errors_are_one_line(feature_files, tmp_path, capsys):

@@ -104,6 +104,39 @@ def _split_list(text: str) -> tuple[str, ...]:
     return items
 
 
+def _where(text: str) -> tuple[str, tuple[str, ...]]:
+    """``--where sceneid=3,4`` -> ("sceneid", ("3", "4")): a column and the values it may hold."""
+    key, sep, values = text.partition("=")
+    items = tuple(v.strip() for v in values.split(","))
+    if not sep or not key.strip() or not any(items) or not all(items):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected COLUMN=VALUE[,VALUE...], e.g. sceneid=3,4")
+    return key.strip(), items
+
+
+def _time_window(text: str) -> tuple[int | None, int | None]:
+    """``--time-window START,END`` (either may be empty): start <= timestamp < end."""
+    start, sep, end = text.partition(",")
+    try:
+        bounds = tuple(None if not b.strip() else int(b.strip(), 10) for b in (start, end))
+    except ValueError:
+        bounds = ()
+    if not sep or len(bounds) != 2 or bounds == (None, None):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected START,END integers (one may be empty), "
+                                         "e.g. 1700000000,1700086400")
+    return bounds
+
+
+def _gallery_options(p: argparse.ArgumentParser, *, backend: bool = True) -> None:
+    """``--backend`` and ``--uri``: which gallery backend a command's --index names."""
+    if backend:
+        p.add_argument("--backend", choices=["faiss", "milvus"], default=None,
+                       help="faiss: --index is an index directory (the default); milvus: --index is a collection at "
+                            "--uri")
+    p.add_argument("--uri", default=None, metavar="URI",
+                   help="the Milvus of --backend milvus: a server or cluster (http://HOST:19530; a token in "
+                        "MILVUS_TOKEN) or a Milvus Lite file (gallery.db)")
+
+
 def _fpr(text: str) -> float:
     """``--fpr 1e-3``: a false-positive rate, a number in (0, 1)."""
     try:
@@ -306,10 +339,17 @@ def _cmd_test(args: argparse.Namespace) -> int:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from editor_reid.features.extract import run_extract
 
+    sink = None
+    if args.to_gallery is not None:
+        from editor_reid.deploy.sink import gallery_sink
+
+        sink = gallery_sink(args.to_gallery, uri=args.uri)
+    elif args.uri is not None:
+        _usage_error("editor-reid extract", "--uri is the Milvus of --to-gallery; give --to-gallery COLLECTION too")
     run_extract(args.weights, args.out, config=args.config, dataset=args.dataset, root=args.root,
                 manifest=args.manifest, images=args.images, splits=args.splits, batch_size=args.batch_size,
                 chunk_size=args.chunk_size, num_workers=args.workers, normalize=not args.no_normalize,
-                device=args.device, amp=args.amp, backend=args.backend, onnx=args.onnx)
+                device=args.device, amp=args.amp, backend=args.backend, onnx=args.onnx, sink=sink)
     return 0
 
 
@@ -346,7 +386,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServiceSettings(k=args.k, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                                max_upload_mb=args.max_upload_mb, threshold=args.threshold, fpr=args.fpr)
     run_server(args.index, weights=args.weights, config=args.config, onnx=args.onnx, device=args.device,
-               host=args.host, port=args.port, settings=settings, access_log=args.access_log)
+               host=args.host, port=args.port, settings=settings, access_log=args.access_log,
+               backend=args.backend, uri=args.uri)
     return 0
 
 
@@ -355,7 +396,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     run_calibrate(fprs=args.fpr, metric=args.metric, features=args.features, weights=args.weights,
                   config=args.config, dataset=args.dataset, root=args.root, manifest=args.manifest,
-                  device=args.device, out=args.out, index=args.index)
+                  device=args.device, out=args.out, index=args.index, backend=args.backend, uri=args.uri)
     return 0
 
 
@@ -365,20 +406,22 @@ def _cmd_search(args: argparse.Namespace) -> int:
     run_search(args.index, args.out, features=args.features, weights=args.weights, config=args.config,
                dataset=args.dataset, root=args.root, manifest=args.manifest, images=args.images, splits=args.splits,
                device=args.device, k=args.k, exclude_same_camera=args.exclude_same_camera,
-               threshold=args.threshold, fpr=args.fpr, thresholds=args.thresholds)
+               threshold=args.threshold, fpr=args.fpr, thresholds=args.thresholds, backend=args.backend, uri=args.uri,
+               where=dict(args.where or []), time_range=args.time_window)
     return 0
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from editor_reid.deploy import gallery
 
+    where = dict(backend=args.backend, uri=args.uri)
     if args.index_command == "build":
         gallery.run_index_build(args.features, args.out, kind=args.kind, metric=args.metric, splits=args.splits,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, **where)
     elif args.index_command == "add":
-        gallery.run_index_add(args.index, args.features, splits=args.splits, compact=args.compact)
+        gallery.run_index_add(args.index, args.features, splits=args.splits, compact=args.compact, **where)
     else:
-        print(json.dumps(gallery.index_info(args.index), indent=2))
+        print(json.dumps(gallery.gallery_info(args.index, **where), indent=2))
     return 0
 
 
@@ -565,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none",
                    help="autocast (fp16: CUDA only; auto: bf16 where the device computes it natively, else fp32)")
     p.add_argument("--out", required=True, metavar="FEATS.npz", help="the feature file to write")
+    p.add_argument("--to-gallery", default=None, metavar="INDEX",
+                   help="also add the gallery rows (all rows without a gallery split) to this gallery, as each chunk "
+                        "is done: an index directory, or with --uri a Milvus collection, created if absent; under "
+                        "torchrun every rank writes its own chunks to Milvus")
+    _gallery_options(p, backend=False)
     p.set_defaults(func=_cmd_extract)
 
     p = command("export", "export a checkpoint as an ONNX graph with a dynamic batch, for onnxruntime")
@@ -599,13 +647,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="squared Euclidean or 1 - cosine on L2-normalised features (default: the --index's, else "
                         "euclidean)")
     p.add_argument("--out", default=None, metavar="thresholds.json", help="write the thresholds to this JSON file")
-    p.add_argument("--index", default=None, metavar="INDEX_DIR",
-                   help="store the thresholds in this gallery index's manifest (same metric and model only)")
+    p.add_argument("--index", default=None, metavar="INDEX",
+                   help="store the thresholds with this gallery (same metric and model only): in an index "
+                        "directory's manifest, or a Milvus collection's description")
+    _gallery_options(p)
     p.set_defaults(func=_cmd_calibrate)
 
     p = command("search", "search a gallery index with query features or images; open set: a query whose best "
                           "match is beyond a threshold is unknown")
-    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="the gallery index directory")
+    p.add_argument("--index", required=True, metavar="INDEX",
+                   help="the gallery: an index directory, or a Milvus collection with --backend milvus")
+    _gallery_options(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--features", metavar="Q.npz", help="a feature file of queries (all rows, or --splits)")
     source.add_argument("--weights", help="checkpoint: extract the queries of --manifest, --images or --dataset")
@@ -624,6 +676,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=_integer(1), default=10, help="matches per query")
     p.add_argument("--exclude-same-camera", action="store_true",
                    help="skip gallery items from the query's own camera (cameras unknown, -1, exclude nothing)")
+    p.add_argument("--where", type=_where, action="append", default=None, metavar="COLUMN=V[,V]",
+                   help="keep only gallery items whose column holds one of the values, e.g. sceneid=3,4 or "
+                        "split=gallery (repeat for more columns; Milvus filters on the server)")
+    p.add_argument("--time-window", type=_time_window, default=None, metavar="START,END",
+                   help="keep only gallery items with START <= timestamp < END (either may be empty)")
     openset = p.add_mutually_exclusive_group()
     openset.add_argument("--threshold", type=_real(0), default=None,
                          help="open-set threshold as a distance: a query whose best match is farther is unknown")
@@ -635,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="results.json", help="the search results, one object per query")
     p.set_defaults(func=_cmd_search)
 
-    p = command("index", "build, extend and describe a persisted gallery index (FAISS) of a feature file")
+    p = command("index", "build, extend and describe a gallery of a feature file (a FAISS index directory or a "
+                         "Milvus collection)")
     index_sub = p.add_subparsers(dest="index_command", metavar="{build,add,info}", required=True,
                                  parser_class=_Parser)
 
@@ -646,27 +704,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     splits_help = ("comma-separated splits of --features to index (default: its gallery rows if it has any, else "
                    "all rows)")
-    q = index_command("build", "index the gallery rows of a feature file into a new index directory")
+    q = index_command("build", "index the gallery rows of a feature file into a new gallery")
     q.add_argument("--features", required=True, metavar="FEATS.npz", help="the feature file (editor-reid extract)")
-    q.add_argument("--out", required=True, metavar="INDEX_DIR", help="the index directory to write")
-    q.add_argument("--kind", choices=["auto", "flat", "ivfpq", "hnsw"], default="auto",
-                   help="flat: exact; ivfpq, hnsw: approximate; auto: flat up to 100,000 entries, else ivfpq")
+    q.add_argument("--out", required=True, metavar="INDEX",
+                   help="the index directory to write, or the Milvus collection to create with --backend milvus")
+    _gallery_options(q)
+    q.add_argument("--kind", choices=["auto", "flat", "ivfpq", "ivf", "hnsw"], default="auto",
+                   help="flat: exact; ivfpq (faiss), ivf (milvus), hnsw: approximate; auto: flat up to 100,000 "
+                        "entries, else ivfpq (faiss) or hnsw (milvus)")
     q.add_argument("--metric", choices=["euclidean", "cosine"], default="euclidean",
                    help="squared Euclidean (as editor-reid test ranks) or 1 - cosine, on L2-normalised features")
     q.add_argument("--splits", type=_split_list, default=None, metavar="S[,S]", help=splits_help)
-    q.add_argument("--overwrite", action="store_true", help="write into INDEX_DIR even if it is not empty")
-    q = index_command("add", "append the rows of a feature file to an index (journaled: durable at once)")
-    q.add_argument("--index", required=True, metavar="INDEX_DIR", help="the index directory")
+    q.add_argument("--overwrite", action="store_true",
+                   help="write into INDEX even if it is not empty (replaces a Milvus collection of that name)")
+    q = index_command("add", "add the rows of a feature file to a gallery (durable at once; samples held already are "
+                             "not added again)")
+    q.add_argument("--index", required=True, metavar="INDEX", help="the index directory or Milvus collection")
+    _gallery_options(q)
     q.add_argument("--features", required=True, metavar="MORE.npz", help="the feature file to add")
     q.add_argument("--splits", type=_split_list, default=None, metavar="S[,S]", help=splits_help)
     q.add_argument("--compact", action="store_true",
                    help="then fold the journal into a new generation of the index files")
-    q = index_command("info", "print the manifest of an index as JSON (entries, width, metric, kind, model, "
-                              "thresholds)")
-    q.add_argument("--index", required=True, metavar="INDEX_DIR", help="the index directory")
+    q = index_command("info", "print what a gallery is as JSON (entries, width, metric, kind, model, thresholds)")
+    q.add_argument("--index", required=True, metavar="INDEX", help="the index directory or Milvus collection")
+    _gallery_options(q)
 
     p = command("serve", "serve a gallery index over HTTP: POST /search, POST /gallery, GET /healthz")
-    p.add_argument("--index", required=True, metavar="INDEX_DIR", help="the gallery index directory to search and add to")
+    p.add_argument("--index", required=True, metavar="INDEX",
+                   help="the gallery to search and add to: an index directory, or a Milvus collection with "
+                        "--backend milvus")
+    _gallery_options(p)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--weights", help="checkpoint file (.pt from editor-reid or official .pth with --config)")
     model.add_argument("--onnx", metavar="MODEL.onnx", help="an exported ONNX model instead of a checkpoint")

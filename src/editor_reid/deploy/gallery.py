@@ -36,6 +36,7 @@ directory at a time.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -48,7 +49,7 @@ import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from editor_reid.features.store import FeatureFile, load_feature_file, path_key
 from editor_reid.modalities import MODALITIES
 
 __all__ = ["GalleryIndex", "SearchResult", "GalleryIndexError", "IndexFileError", "KINDS", "METRICS",
-           "AUTO_FLAT_MAX", "FORMAT_VERSION", "index_info", "select_rows", "run_index_build", "run_index_add"]
+           "AUTO_FLAT_MAX", "FORMAT_VERSION", "index_info", "select_rows", "sample_keys", "check_filters"]
 
 FORMAT = "editor-reid gallery index"
 FORMAT_VERSION = 1
@@ -75,9 +76,13 @@ AUTO_FLAT_MAX = 100_000
 EXCLUDE_OVERFETCH = 4
 
 MANIFEST = "manifest.json"
-# Per-entry columns every index has, with the value of an entry that does not know it.
-STANDARD_COLUMNS = {"pid": -1, "camid": -1, "sceneid": -1, "split": "", "row": -1,
+# Per-entry columns every index has, with the value of an entry that does not know it. ``key`` is
+# the entry's sample key (:func:`sample_keys`), ``timestamp`` when it was seen (any integer clock,
+# e.g. Unix seconds; a search can keep one time window).
+STANDARD_COLUMNS = {"pid": -1, "camid": -1, "sceneid": -1, "split": "", "row": -1, "key": -1, "timestamp": -1,
                     **{path_key(m): "" for m in MODALITIES}}
+#: The columns a search can filter on with ``where=`` beyond these: any integer or string column.
+FILTER_COLUMNS = ("pid", "camid", "sceneid", "split", "row", "key", "timestamp")
 _CHUNK = 65536  # rows normalised and added at a time: a 1M x 2304 gallery is never copied whole
 _EPS = 1e-12  # the norm floor of editor_reid.metrics.distance
 _JOURNAL_MAGIC = b"ERJ1"
@@ -207,6 +212,21 @@ class _Columns:
         return {name: self.column(name) for name in self._buffers}
 
 
+def entry_columns(metadata: Mapping[str, Any] | None, n: int, features, *, fingerprint: str = "",
+                  normalize: bool = True) -> dict[str, np.ndarray]:
+    """The stored columns of ``n`` new entries: the given ones (``row`` defaults to 0..n-1), the
+    standard ones filled with their unknown value, and each entry's sample key (:func:`sample_keys`)."""
+    given = {} if metadata is None else dict(metadata)
+    if "row" not in given:
+        given["row"] = np.arange(n)
+    columns = {name: _as_column(name, values, n) for name, values in given.items()}
+    for name, value in STANDARD_COLUMNS.items():
+        if name not in columns:
+            columns[name] = _fill(value, n)
+    columns["key"] = sample_keys(columns, n, fingerprint=fingerprint, features=features, normalize=normalize)
+    return columns
+
+
 def _metadata_of(ff: FeatureFile, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
     rows = np.arange(len(ff)) if rows is None else rows
     return {"pid": ff.pid, "camid": ff.camid, "sceneid": ff.sceneid, "split": ff.split, "row": rows,
@@ -238,6 +258,104 @@ def _prepare(x: np.ndarray, normalize: bool, offset: int = 0) -> np.ndarray:
 def _chunks(x: np.ndarray, normalize: bool):
     for start in range(0, x.shape[0], _CHUNK):
         yield _prepare(x[start:start + _CHUNK], normalize, start)
+
+
+_KEY_MASK = (1 << 63) - 1
+
+
+def sample_keys(columns: Mapping[str, np.ndarray], n: int, *, fingerprint: str = "", features=None,
+                normalize: bool = True) -> np.ndarray:
+    """The sample key of each of ``n`` entries: 63 bits of BLAKE2b over the model fingerprint, the
+    split and the sample's image paths (``path_*`` columns), so the same sample of the same model
+    always gets the same key, whichever process adds it. An entry without any path is keyed by its
+    labels (pid, camid, sceneid, timestamp) and its feature vector (``features`` [n, F], float32,
+    L2-normalised when ``normalize``) instead. A ``key`` column given with values >= 0 wins."""
+    given = np.asarray(columns["key"], dtype=np.int64) if "key" in columns else np.full(n, -1, dtype=np.int64)
+    keys = given.copy()
+    paths = sorted(name for name in columns if name.startswith("path_"))
+    splits = columns.get("split", np.full(n, ""))
+    missing = np.flatnonzero(keys < 0)
+    without_path = []
+    for i in missing.tolist():
+        parts = [f"{name}={columns[name][i]}" for name in paths if str(columns[name][i])]
+        if not parts:
+            without_path.append(i)
+            continue
+        text = "\0".join([fingerprint, str(splits[i]), *parts])
+        keys[i] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & _KEY_MASK
+    if without_path:
+        if features is None:
+            raise GalleryIndexError("an entry without image paths is keyed by its feature vector; give the features")
+        labels = [np.asarray(columns.get(name, np.full(n, -1))) for name in ("pid", "camid", "sceneid", "timestamp")]
+        rows = np.asarray(without_path)
+        for start in range(0, rows.size, _CHUNK):
+            part = rows[start:start + _CHUNK]
+            vectors = _prepare(np.asarray(features[part]), normalize)
+            for j, i in enumerate(part.tolist()):
+                head = "\0".join([fingerprint, str(splits[i]), *(str(label[i]) for label in labels)])
+                digest = hashlib.blake2b(head.encode() + b"\0" + vectors[j].tobytes(), digest_size=8).digest()
+                keys[i] = int.from_bytes(digest, "little") & _KEY_MASK
+    return keys
+
+
+def check_filters(where: Mapping[str, Any] | None, time_range, columns: Mapping[str, np.dtype]
+                  ) -> list[tuple[str, str, list]]:
+    """``where`` ({column: value or list of values}) and ``time_range`` ((start, end), either None:
+    ``start <= timestamp < end``) as checked conditions ``(column, op, values)`` with op "in",
+    ">=" or "<". ``columns`` maps the filterable column names to their dtypes; a column not there,
+    or a value of the wrong type, is a GalleryIndexError naming it."""
+    conditions: list[tuple[str, str, list]] = []
+    for name, value in (where or {}).items():
+        if name not in columns:
+            raise GalleryIndexError(f"where: the gallery has no column {name!r} to filter on (it has: "
+                                    f"{', '.join(sorted(columns))})")
+        values = list(value) if isinstance(value, (list, tuple, set, np.ndarray)) else [value]
+        if not values:
+            raise GalleryIndexError(f"where: column {name!r} is given no value")
+        numeric = np.dtype(columns[name]).kind in "iu"
+        clean = []
+        for v in values:
+            if numeric:
+                if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                    try:
+                        v = int(str(v), 10)
+                    except ValueError:
+                        raise GalleryIndexError(f"where: column {name!r} holds integers, got {v!r}") from None
+                clean.append(int(v))
+            else:
+                clean.append(str(v))
+        conditions.append((name, "in", clean))
+    if time_range is not None:
+        try:
+            start, end = time_range
+            bounds = [None if b is None else int(b) for b in (start, end)]
+        except (TypeError, ValueError):
+            raise GalleryIndexError(f"time_range must be (start, end) integers or None, got {time_range!r}") from None
+        if bounds[0] is not None:
+            conditions.append(("timestamp", ">=", [bounds[0]]))
+        if bounds[1] is not None:
+            conditions.append(("timestamp", "<", [bounds[1]]))
+    return conditions
+
+
+def _check_query_camids(query_camids, nq: int, exclude_same_camera: bool) -> np.ndarray | None:
+    if not exclude_same_camera:
+        return None
+    if query_camids is None:
+        raise GalleryIndexError("exclude_same_camera needs query_camids (one camera id per query)")
+    query_camids = np.asarray(query_camids, dtype=np.int64).reshape(-1)
+    if query_camids.shape != (nq,):
+        raise GalleryIndexError(f"query_camids has {query_camids.size} values for {nq} queries")
+    return query_camids
+
+
+def _gather(column: np.ndarray, entries: np.ndarray) -> np.ndarray:
+    """``column`` at ``entries`` [Q, k], its unknown value where an entry is -1 (padding)."""
+    out = column[np.where(entries >= 0, entries, 0)] if column.size else _unknown(column.dtype, entries.size).reshape(
+        entries.shape)
+    out = np.array(out, copy=True)
+    out[entries < 0] = _unknown(column.dtype, 1)[0]
+    return out
 
 
 def _now() -> str:
@@ -315,20 +433,25 @@ class SearchResult:
     distances: np.ndarray
     entries: np.ndarray
     unknown: np.ndarray
+    #: The matches' metadata, [Q, k] per column (pid, camid, row, key, ...; -1 or "" as padding).
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_json(self, metadata: Mapping[str, np.ndarray] | None = None) -> list[dict]:
         """One dict per query: ``{"query": i, "unknown": bool, "matches": [{"gallery": entry,
-        "distance": d, ...}]}``; with ``metadata`` (the index's) each match also carries its
-        ``pid``, ``camid`` and ``row`` (the row of the feature file it came from)."""
-        keys = [key for key in ("pid", "camid", "row") if metadata is not None and key in metadata]
+        "distance": d, ...}]}``; each match also carries its ``pid``, ``camid`` and ``row`` (the
+        row of the feature file it came from), from :attr:`fields` or else from ``metadata``
+        (per-entry columns of a FAISS index)."""
+        keys = [key for key in ("pid", "camid", "row") if key in self.fields or (metadata is not None
+                                                                                   and key in metadata)]
         out = []
         for i in range(self.entries.shape[0]):
             matches = []
-            for entry, distance in zip(self.entries[i], self.distances[i]):
+            for j, (entry, distance) in enumerate(zip(self.entries[i], self.distances[i])):
                 if entry < 0:
                     break
                 match = {"gallery": int(entry)}
-                match.update({key: metadata[key][entry].item() for key in keys})
+                match.update({key: (self.fields[key][i, j] if key in self.fields else metadata[key][entry]).item()
+                              for key in keys})
                 match["distance"] = float(distance)
                 matches.append(match)
             out.append({"query": i, "unknown": bool(self.unknown[i]), "matches": matches})
@@ -344,6 +467,9 @@ class GalleryIndex:
     Entry ids are 0, 1, 2, ... in the order of insertion; ``metadata[key][id]`` describes entry
     ``id``. Build one with :meth:`build` or :meth:`from_feature_file`, open a saved one with
     :meth:`load`."""
+
+    #: Which gallery backend this is (``editor_reid.deploy.milvus.MilvusGallery`` is "milvus").
+    backend = "faiss"
 
     def __init__(self, faiss_index, *, kind: str, metric: str, normalized: bool, params: Mapping[str, int],
                  fingerprint: str = "") -> None:
@@ -380,6 +506,11 @@ class GalleryIndex:
         """Per-entry arrays (pid, camid, sceneid, split, row, path_RGB/NI/TI and any others given)."""
         with self._lock.read():
             return self._columns.as_dict()
+
+    @property
+    def location(self) -> str:
+        """Where the index lives, for messages: its directory ("" before the first save)."""
+        return "" if self.directory is None else str(self.directory)
 
     @property
     def journal_entries(self) -> int:
@@ -441,7 +572,8 @@ class GalleryIndex:
             sample = np.sort(np.random.default_rng(0).choice(n, min(n, max(64 * p["nlist"], 16384)), replace=False))
             index.train(_prepare(x[sample], normalize))
         gallery = cls(index, kind=kind, metric=metric, normalized=normalize, params=p, fingerprint=fingerprint)
-        gallery._append(x, metadata, normalize_input=True)
+        columns = gallery._columns_for(metadata, n, x)
+        gallery._append(x, columns, normalize_input=True)
         return gallery
 
     @classmethod
@@ -456,11 +588,10 @@ class GalleryIndex:
         return cls.build(part, _metadata_of(part, rows), kind=kind, metric=metric, fingerprint=ff.fingerprint,
                          params=params)
 
-    def _append(self, x: np.ndarray, metadata, *, normalize_input: bool) -> np.ndarray:
-        """Add rows to the FAISS index and the columns (the caller holds the write lock or owns
-        the index alone); returns their ids."""
+    def _append(self, x: np.ndarray, columns: dict[str, np.ndarray], *, normalize_input: bool) -> np.ndarray:
+        """Add rows to the FAISS index and their columns (of :meth:`_columns_for`; the caller holds
+        the write lock or owns the index alone); returns their ids."""
         n = x.shape[0]
-        columns = self._columns_for(metadata, n)
         first = self.size
         chunks = _chunks(x, self.normalized) if normalize_input else [np.ascontiguousarray(x, dtype=np.float32)]
         for chunk in chunks:
@@ -470,25 +601,22 @@ class GalleryIndex:
         self._columns.append(columns, n)
         return np.arange(first, first + n, dtype=np.int64)
 
-    def _columns_for(self, metadata, n: int) -> dict[str, np.ndarray]:
-        given = {} if metadata is None else dict(metadata)
-        if "row" not in given:
-            given["row"] = np.arange(n)
-        columns = {name: _as_column(name, values, n) for name, values in given.items()}
-        for name, value in STANDARD_COLUMNS.items():
-            if name not in columns:
-                columns[name] = _fill(value, n)
-        return columns
+    def _columns_for(self, metadata, n: int, features, *, fingerprint: str | None = None) -> dict[str, np.ndarray]:
+        return entry_columns(metadata, n, features, fingerprint=fingerprint or self.fingerprint,
+                             normalize=self.normalized)
 
     # -- adding
 
-    def add(self, features, metadata: Mapping[str, Any] | None = None, *, fingerprint: str | None = None
-            ) -> np.ndarray:
+    def add(self, features, metadata: Mapping[str, Any] | None = None, *, fingerprint: str | None = None,
+            skip_existing: bool = False) -> np.ndarray:
         """Append entries and return their ids (int64 [n]). ``features`` is a FeatureFile (its
         columns and fingerprint come along) or float [n, F]. When the index has a directory, the
         entries are in its journal, fsynced, before this returns: a crash after it cannot lose
         them. Refuses features of another width, or of another model (both fingerprints known
-        and different)."""
+        and different). ``skip_existing`` adds only the entries whose sample key
+        (:func:`sample_keys`) the index does not hold yet, and returns the id of the held entry
+        for the others: adding the same samples again changes nothing (the Milvus backend always
+        works so)."""
         if isinstance(features, FeatureFile):
             metadata = _metadata_of(features) if metadata is None else metadata
             fingerprint = features.fingerprint if fingerprint is None else fingerprint
@@ -496,13 +624,43 @@ class GalleryIndex:
         self._check_compatible(x.shape[1], fingerprint)
         n = x.shape[0]
         prepared = _prepare(x, self.normalized)
-        columns = self._columns_for(metadata, n)
+        columns = self._columns_for(metadata, n, prepared, fingerprint=fingerprint)
         with self._lock.write():
-            if self.directory is not None and n:
-                self._journal_append(prepared, columns)
-            ids = self._append(prepared, columns, normalize_input=False)
+            if not skip_existing:
+                if self.directory is not None and n:
+                    self._journal_append(prepared, columns)
+                ids = self._append(prepared, columns, normalize_input=False)
+            else:
+                keys = columns["key"]
+                ids = self._held_ids(keys)
+                unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+                new = np.sort(first[ids[first] < 0])  # the first row of each key the index lacks
+                if new.size:
+                    part = {name: value[new] for name, value in columns.items()}
+                    if self.directory is not None:
+                        self._journal_append(prepared[new], part)
+                    ids[new] = self._append(prepared[new], part, normalize_input=False)
+                ids = ids[first][inverse.reshape(-1)]  # repeats within the batch get their first's id
             self.updated = _now()
         return ids
+
+    def _held_ids(self, keys: np.ndarray) -> np.ndarray:
+        """The entry id holding each sample key, -1 where none does (the caller holds a lock)."""
+        ids = np.full(keys.size, -1, dtype=np.int64)
+        if not self.size:
+            return ids
+        held = self._columns.column("key")
+        order = np.argsort(held, kind="stable")
+        pos = np.searchsorted(held[order], keys).clip(max=len(held) - 1)
+        found = held[order][pos] == keys
+        ids[found] = order[pos[found]]
+        return ids
+
+    def existing_keys(self, keys) -> np.ndarray:
+        """Which of ``keys`` (sample keys, :func:`sample_keys`) the index holds: bool [len(keys)]."""
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        with self._lock.read():
+            return self._held_ids(keys) >= 0
 
     def _check_compatible(self, width: int, fingerprint: str | None, what: str = "the file has") -> None:
         if width != self.dim:
@@ -515,15 +673,19 @@ class GalleryIndex:
     # -- searching
 
     def search(self, queries, k: int = 10, *, query_camids=None, exclude_same_camera: bool = False,
-               threshold: float | str | None = None) -> SearchResult:
+               threshold: float | str | None = None, where: Mapping[str, Any] | None = None,
+               time_range: tuple[int | None, int | None] | None = None) -> SearchResult:
         """The ``k`` nearest entries of each query (float [Q, F], or [F] for one).
 
         ``exclude_same_camera`` drops entries whose camid equals the query's (``query_camids``
-        int [Q]; -1, an unknown camera, excludes nothing), like the evaluation protocol: the
-        search fetches ``EXCLUDE_OVERFETCH x k`` entries and doubles that for the queries left
-        with fewer than ``k``, up to the whole index. ``threshold`` (a distance, or an FPR key
-        of :attr:`thresholds` such as ``"0.001"``) marks a query ``unknown`` when its best
-        distance is above it."""
+        int [Q]; -1, an unknown camera, excludes nothing), like the evaluation protocol.
+        ``where`` keeps only entries whose columns hold the given values (``{"sceneid": [1, 2],
+        "split": "gallery"}``) and ``time_range`` those with ``start <= timestamp < end``
+        (:func:`check_filters`). With any of these the search fetches ``EXCLUDE_OVERFETCH x k``
+        entries and doubles that for the queries left with fewer than ``k``, up to the whole
+        index, so the result is that of an exact search of the kept entries for a flat index.
+        ``threshold`` (a distance, or an FPR key of :attr:`thresholds` such as ``"0.001"``) marks
+        a query ``unknown`` when its best distance is above it."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise GalleryIndexError(f"k must be a positive integer, got {k!r}")
         q = np.asarray(queries.detach().cpu() if hasattr(queries, "detach") else queries)
@@ -531,44 +693,74 @@ class GalleryIndex:
         self._check_compatible(q.shape[1], None, "the queries are")
         q = _prepare(q, self.normalized)
         nq = q.shape[0]
+        threshold = self._threshold_value(threshold)
+        query_camids = _check_query_camids(query_camids, nq, exclude_same_camera)
+        distances = np.full((nq, k), np.inf, dtype=np.float32)
+        entries = np.full((nq, k), -1, dtype=np.int64)
+        with self._lock.read():
+            conditions = check_filters(where, time_range, self._filter_columns())
+            n = self.size
+            if n and not exclude_same_camera and not conditions:
+                d, i = self._raw_search(q, min(k, n))
+                distances[:, : d.shape[1]], entries[:, : i.shape[1]] = d, i
+            elif n:
+                kept = self._kept(conditions)
+                if kept is None or kept.any():
+                    self._search_excluding(q, k, query_camids if exclude_same_camera else None, kept,
+                                           distances, entries)
+            fields = {name: _gather(self._columns.column(name), entries) for name in ("pid", "camid", "row", "key")}
+        unknown = np.zeros(nq, dtype=bool) if threshold is None else ~(distances[:, 0] <= float(threshold))
+        return SearchResult(distances, entries, unknown, fields)
+
+    def _threshold_value(self, threshold) -> float | None:
         if isinstance(threshold, str):
             if threshold not in self._thresholds:
                 known = ", ".join(self._thresholds) or "none; run calibrate"
                 raise GalleryIndexError(f"no threshold calibrated for FPR {threshold} (calibrated: {known})")
-            threshold = self._thresholds[threshold]
-        if exclude_same_camera:
-            if query_camids is None:
-                raise GalleryIndexError("exclude_same_camera needs query_camids (one camera id per query)")
-            query_camids = np.asarray(query_camids, dtype=np.int64).reshape(-1)
-            if query_camids.shape != (nq,):
-                raise GalleryIndexError(f"query_camids has {query_camids.size} values for {nq} queries")
-        distances = np.full((nq, k), np.inf, dtype=np.float32)
-        entries = np.full((nq, k), -1, dtype=np.int64)
-        with self._lock.read():
-            n = self.size
-            if n and not exclude_same_camera:
-                d, i = self._raw_search(q, min(k, n))
-                distances[:, : d.shape[1]], entries[:, : i.shape[1]] = d, i
-            elif n:
-                self._search_excluding(q, k, query_camids, self._columns.column("camid"), distances, entries)
-        unknown = np.zeros(nq, dtype=bool) if threshold is None else ~(distances[:, 0] <= float(threshold))
-        return SearchResult(distances, entries, unknown)
+            return self._thresholds[threshold]
+        return threshold
 
-    def _search_excluding(self, q, k, q_cams, g_cams, distances, entries) -> None:
+    def _filter_columns(self) -> dict[str, np.dtype]:
+        columns = {name: self._columns.column(name).dtype for name in self._columns.as_dict()}
+        return {name: dtype for name, dtype in columns.items() if dtype.kind in "iuU"}
+
+    def _kept(self, conditions) -> np.ndarray | None:
+        """The entries all ``conditions`` keep (bool [n]), None when there are none."""
+        if not conditions:
+            return None
+        kept = np.ones(self.size, dtype=bool)
+        for name, op, values in conditions:
+            column = self._columns.column(name)
+            if op == "in":
+                kept &= np.isin(column, np.asarray(values, dtype=column.dtype))
+            elif op == ">=":
+                kept &= column >= values[0]
+            else:
+                kept &= column < values[0]
+        return kept
+
+    def _search_excluding(self, q, k, q_cams, kept, distances, entries) -> None:
+        """Search keeping only the entries of ``kept`` (bool [n] or None) and, when ``q_cams`` is
+        given, those of other cameras than each query's."""
         n = self.size
+        g_cams = self._columns.column("camid")
         fetch = min(n, EXCLUDE_OVERFETCH * k)
         pending = np.arange(q.shape[0])
         while pending.size:
             d, i = self._raw_search(q[pending], fetch)
             valid = i >= 0
-            cams = g_cams[np.where(valid, i, 0)]
-            own = q_cams[pending][:, None]
-            keep = valid & ~((cams == own) & (own >= 0))
+            keep = valid.copy()
+            safe = np.where(valid, i, 0)
+            if kept is not None:
+                keep &= kept[safe]
+            if q_cams is not None:
+                own = q_cams[pending][:, None]
+                keep &= ~((g_cams[safe] == own) & (own >= 0))
             done = (keep.sum(axis=1) >= k) | (fetch >= n) | (valid.sum(axis=1) < fetch)
             for row in np.flatnonzero(done):
-                kept = np.flatnonzero(keep[row])[:k]
-                distances[pending[row], : kept.size] = d[row, kept]
-                entries[pending[row], : kept.size] = i[row, kept]
+                chosen = np.flatnonzero(keep[row])[:k]
+                distances[pending[row], : chosen.size] = d[row, chosen]
+                entries[pending[row], : chosen.size] = i[row, chosen]
             pending = pending[~done]
             fetch = min(n, fetch * 2)
 
@@ -682,6 +874,9 @@ class GalleryIndex:
             raise IndexFileError(f"gallery index file '{index_path}' holds {index.ntotal} x {index.d}-d entries, "
                                  f"the manifest says {manifest['entries']} x {manifest['dim']}-d")
         columns = _load_npz(meta_path, manifest["entries"])
+        for name, value in STANDARD_COLUMNS.items():  # an index written before the column existed
+            if name not in columns:
+                columns[name] = _fill(value, manifest["entries"])
         gallery = cls(index, kind=manifest["kind"], metric=manifest["metric"], normalized=manifest["normalized"],
                       params=manifest["params"], fingerprint=manifest["fingerprint"])
         gallery._columns.append(columns, manifest["entries"])
@@ -880,43 +1075,107 @@ def select_rows(ff: FeatureFile, splits: Sequence[str] | None, source: str = "th
     return np.arange(len(ff)), "all rows: the file has no gallery split"
 
 
-def _describe(index: GalleryIndex) -> str:
+#: ``--backend``: FAISS (an index directory, the default) or Milvus (a collection at ``--uri``).
+GALLERY_BACKENDS = ("faiss", "milvus")
+
+
+def check_backend(backend: str | None, uri: str | None) -> str:
+    """The gallery backend of a command: ``backend``, or milvus when only ``uri`` is given, else
+    faiss; UsageError when the two do not fit."""
+    from editor_reid.errors import UsageError
+
+    backend = backend or ("milvus" if uri else "faiss")
+    if backend not in GALLERY_BACKENDS:
+        raise UsageError(f"--backend must be one of {', '.join(GALLERY_BACKENDS)}, got {backend!r}")
+    if backend == "milvus" and not uri:
+        raise UsageError("--backend milvus needs --uri: a Milvus server (http://HOST:19530) or a Milvus Lite file "
+                         "(gallery.db)")
+    if backend == "faiss" and uri:
+        raise UsageError("--uri is the Milvus server of --backend milvus; a faiss gallery is the directory --index "
+                         "names")
+    return backend
+
+
+def open_gallery(index: str | os.PathLike, *, backend: str | None = None, uri: str | None = None):
+    """The gallery ``index`` names: a FAISS index directory (:meth:`GalleryIndex.load`) or, with
+    ``backend="milvus"`` (or just ``uri``), the collection of that name at ``uri``
+    (:class:`~editor_reid.deploy.milvus.MilvusGallery`)."""
+    if check_backend(backend, uri) == "milvus":
+        from editor_reid.deploy.milvus import MilvusGallery
+
+        return MilvusGallery.open(uri, str(index))
+    return GalleryIndex.load(index)
+
+
+def gallery_info(index: str | os.PathLike, *, backend: str | None = None, uri: str | None = None) -> dict:
+    """``editor-reid index info``: what the gallery is and holds (:func:`index_info` for FAISS,
+    which reads no features; the collection's description and count for Milvus)."""
+    if check_backend(backend, uri) == "milvus":
+        return open_gallery(index, backend="milvus", uri=uri).info()
+    return {**index_info(index), "backend": "faiss"}
+
+
+def _describe(index) -> str:
     exact = "exact" if index.kind == "flat" else "approximate"
+    where = f" ({index.location})" if index.backend == "milvus" else ""
     return (f"{index.kind} index ({exact}), {index.size} entries, {index.dim}-d, {index.metric}, "
-            f"model {index.fingerprint[:12] or 'unknown'}")
+            f"model {index.fingerprint[:12] or 'unknown'}{where}")
 
 
 def run_index_build(features: str | os.PathLike, out: str | os.PathLike, *, kind: str = "auto",
                     metric: str = "euclidean", splits: Sequence[str] | None = None,
-                    overwrite: bool = False) -> GalleryIndex:
-    """``editor-reid index build``: index a feature file's rows and save to ``out`` (which must
-    be absent or empty unless ``overwrite``)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+                    overwrite: bool = False, backend: str | None = None, uri: str | None = None):
+    """``editor-reid index build``: index a feature file's rows into ``out``, a new index
+    directory (absent or empty unless ``overwrite``) or, with the milvus backend, a new collection
+    of that name at ``uri``."""
+    backend = check_backend(backend, uri)
+    out_path = Path(out)
+    if backend == "faiss" and out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) \
+            and not overwrite:
         raise FileExistsError(f"'{out}' exists and is not empty: pass --overwrite to write the index there")
     start = time.perf_counter()
     ff = load_feature_file(features)
     rows, which = select_rows(ff, splits, f"'{features}'")
-    index = GalleryIndex.from_feature_file(ff, kind=kind, metric=metric, splits=splits)
-    index.save(out)
-    print(f"index build: {len(rows)} of {len(ff)} rows of {features} ({which}) -> {out}: {_describe(index)}; "
+    if backend == "milvus":
+        from editor_reid.deploy.milvus import MilvusGallery
+
+        index = MilvusGallery.from_feature_file(ff, uri=uri, collection=str(out), kind=kind, metric=metric,
+                                                splits=splits, overwrite=overwrite)
+        target = index.location
+    else:
+        index = GalleryIndex.from_feature_file(ff, kind=kind, metric=metric, splits=splits)
+        index.save(out_path)
+        target = str(out)
+    print(f"index build: {len(rows)} of {len(ff)} rows of {features} ({which}) -> {target}: {_describe(index)}; "
           f"{time.perf_counter() - start:.1f} s")
     return index
 
 
 def run_index_add(index_dir: str | os.PathLike, features: str | os.PathLike, *,
-                  splits: Sequence[str] | None = None, compact: bool = False) -> GalleryIndex:
-    """``editor-reid index add``: append a feature file's rows to a saved index (journaled;
-    ``compact`` then writes a new generation)."""
-    index = GalleryIndex.load(index_dir)
+                  splits: Sequence[str] | None = None, compact: bool = False, backend: str | None = None,
+                  uri: str | None = None):
+    """``editor-reid index add``: add a feature file's rows to a gallery; rows whose sample is
+    held already (same sample key) are not added again, so adding a file twice changes nothing.
+    FAISS: journaled, and ``compact`` then writes a new generation; Milvus: upserted."""
+    backend = check_backend(backend, uri)
+    if compact and backend == "milvus":
+        from editor_reid.errors import UsageError
+
+        raise UsageError("--compact folds a FAISS index's journal into new files; a Milvus collection has no journal")
+    index = open_gallery(index_dir, backend=backend, uri=uri)
     ff = load_feature_file(features)
     rows, which = select_rows(ff, splits, f"'{features}'")
     part = ff.select(rows)
-    ids = index.add(part, _metadata_of(part, rows), fingerprint=ff.fingerprint)
+    before = index.size
+    ids = index.add(part, _metadata_of(part, rows), fingerprint=ff.fingerprint, skip_existing=True)
+    added = index.size - before
     if compact:
         index.save()
-    how = ("compacted into a new generation" if compact
-           else f"journaled ({index.journal_entries} entries in the journal)")
-    print(f"index add: {len(ids)} rows of {features} ({which}) -> entries {ids[0] if len(ids) else '-'}.."
-          f"{ids[-1] if len(ids) else '-'} of {index_dir}, {how}; now {_describe(index)}")
+    if backend == "milvus":
+        how = f"upserted into {index.location}"
+    else:
+        how = ("compacted into a new generation" if compact
+               else f"journaled ({index.journal_entries} entries in the journal)")
+    print(f"index add: {len(ids)} rows of {features} ({which}): {added} new, {len(ids) - added} held already; "
+          f"{how}; now {_describe(index)}")
     return index

@@ -80,17 +80,22 @@ def run_search(index: str | Path, out: str | Path | None, *, features: str | Pat
                root: str | Path | None = None, manifest: str | Path | None = None, images: str | Path | None = None,
                splits: Sequence[str] | None = None, device: str | None = None, k: int = 10,
                exclude_same_camera: bool = False, threshold: float | None = None, fpr: float | None = None,
-               thresholds: str | Path | None = None, quiet: bool = False) -> list[dict]:
-    """Search the gallery index in ``index`` with the queries of a feature file (``features``,
-    all rows or ``splits``) or of an input extracted with ``weights`` (``dataset``/``manifest``:
-    the ``splits``, default query; ``images``). Writes the result list (module docstring) to
-    ``out`` unless None, prints a summary unless ``quiet``, and returns the list."""
+               thresholds: str | Path | None = None, quiet: bool = False, backend: str | None = None,
+               uri: str | None = None, where: dict | None = None,
+               time_range: tuple[int | None, int | None] | None = None) -> list[dict]:
+    """Search the gallery ``index`` (an index directory, or with ``backend="milvus"`` a collection
+    at ``uri``) with the queries of a feature file (``features``, all rows or ``splits``) or of an
+    input extracted with ``weights`` (``dataset``/``manifest``: the ``splits``, default query;
+    ``images``), keeping only the gallery items ``where`` and ``time_range`` allow
+    (:func:`~editor_reid.deploy.gallery.check_filters`). Writes the result list (module
+    docstring) to ``out`` unless None, prints a summary unless ``quiet``, and returns the list."""
     from editor_reid.deploy._inputs import load_or_extract
-    from editor_reid.deploy.gallery import GalleryIndex, GalleryIndexError
+    from editor_reid.deploy.gallery import GalleryIndexError, open_gallery
 
     if k < 1:
         raise UsageError(f"-k must be at least 1, got {k}")
-    gallery = GalleryIndex.load(index)
+    gallery = open_gallery(index, backend=backend, uri=uri)
+    index = f"{gallery.collection} at {gallery.uri}" if gallery.backend == "milvus" else index
     limit = resolve_threshold(gallery, index, threshold=threshold, fpr=fpr, thresholds=thresholds)
     extract_splits = tuple(splits) if splits is not None else ("query",)
     ff, source = load_or_extract(features=features, weights=weights, config=config, dataset=dataset, root=root,
@@ -107,8 +112,8 @@ def run_search(index: str | Path, out: str | Path | None, *, features: str | Pat
                                 "with")
     camids = ff.camid[rows]
     result = gallery.search(ff.features[rows], k=k, query_camids=camids, exclude_same_camera=exclude_same_camera,
-                            threshold=limit)
-    items = result.to_json(gallery.metadata)
+                            threshold=limit, where=where, time_range=time_range)
+    items = result.to_json()
     for item, row in zip(items, rows.tolist()):
         item["query"] = row
         item["pid"] = int(ff.pid[row])
@@ -124,7 +129,10 @@ def run_search(index: str | Path, out: str | Path | None, *, features: str | Pat
         unknown = sum(item["unknown"] for item in items)
         how = ("closed set, no threshold" if limit is None else
                f"threshold {limit:.6g}" + (f" (FPR {fpr:g})" if fpr is not None else ""))
-        where = f", wrote '{out}'" if out is not None else ""
+        wrote = f", wrote '{out}'" if out is not None else ""
+        kept = ", other cameras only" if exclude_same_camera else ""
+        kept += f", where {where}" if where else ""
+        kept += f", timestamps in [{time_range[0]}, {time_range[1]})" if time_range else ""
         print(f"search: {len(items)} queries of {source} in index '{index}' ({gallery.size} items, {gallery.metric}), "
-              f"k={k}{', other cameras only' if exclude_same_camera else ''}; {unknown} unknown ({how}){where}")
+              f"k={k}{kept}; {unknown} unknown ({how}){wrote}")
     return items

@@ -25,6 +25,7 @@ FastAPI and uvicorn (the ``serve`` extra) are imported by :func:`create_app` and
 # run time, and ``Request`` is imported inside create_app (the serve extra is optional).
 
 import asyncio
+import hashlib
 import io
 import logging
 import math
@@ -300,18 +301,28 @@ class _Worker:
         result = self.index.search(queries, k=k, query_camids=np.asarray(camids, dtype=np.int64),
                                    exclude_same_camera=exclude, threshold=threshold)
         answers = []
-        for item in result.to_json(self.index.metadata):
+        for item in result.to_json():
             item.pop("query", None)
             answers.append({**item, "threshold": threshold})
         return answers
 
     def _add(self, feats: np.ndarray, jobs: list[_Job]) -> list[dict]:
+        fingerprint = self.extractor.fingerprint or ""
         metadata = {"pid": [job.params["pid"] for job in jobs], "camid": [job.sample["camid"] for job in jobs],
                     "row": [-1] * len(jobs),  # not from a feature file
+                    # The sample key comes from the uploaded bytes: a retried request adds nothing new.
+                    "key": [_upload_key(fingerprint, job.params["pid"], job.sample["camid"], job.params["digest"])
+                            for job in jobs],
                     **{path_key(m): [job.params["files"].get(m, "") for job in jobs]
                        for m in canonical_order([*MODALITIES, *self.extractor.modalities])}}
-        ids = self.index.add(feats, metadata, fingerprint=self.extractor.fingerprint)
+        ids = self.index.add(feats, metadata, fingerprint=self.extractor.fingerprint, skip_existing=True)
         return [{"ids": [int(i)]} for i in np.asarray(ids).reshape(-1)]
+
+
+def _upload_key(fingerprint: str, pid: int, camid: int, digest: str) -> int:
+    """The sample key of an uploaded sample: its model, identity, camera and image bytes."""
+    text = f"{fingerprint}\0upload\0{pid}\0{camid}\0{digest}"
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
 def _as_service_error(exc: BaseException, writing: bool = False) -> BaseException:
@@ -425,7 +436,7 @@ class _Requests:
             else:
                 params = self._search_params(form)
             camid = self._camera(form)
-            images, params["files"] = await self._images(form)
+            images, params["files"], params["digest"] = await self._images(form)
         finally:
             await form.close()
         return _Job({**images, "camid": camid}, kind, params)
@@ -478,13 +489,18 @@ class _Requests:
                 raise ServiceError(400, f"field {name!r}: the model does not read {name} (its modalities: "
                                         f"{', '.join(self.modalities)})")
 
-    async def _images(self, form) -> tuple[dict[str, Image.Image], dict[str, str]]:
-        """(the form's images decoded to 8-bit RGB, off the event loop; the uploads' file names)."""
+    async def _images(self, form) -> tuple[dict[str, Image.Image], dict[str, str], str]:
+        """(the form's images decoded to 8-bit RGB, off the event loop; the uploads' file names; a
+        digest of the uploaded bytes)."""
         uploads = {m: form[m] for m in self.image_fields if m in form}
         data = {name: (upload.filename, await upload.read()) for name, upload in uploads.items()}
         images = await asyncio.to_thread(lambda: {name: _decode(name, filename, raw)
                                                   for name, (filename, raw) in data.items()})
-        return images, {name: filename or "" for name, (filename, _) in data.items()}
+        digest = hashlib.sha256()
+        for name in sorted(data):
+            digest.update(f"{name}\0{len(data[name][1])}\0".encode())
+            digest.update(data[name][1])
+        return images, {name: filename or "" for name, (filename, _) in data.items()}, digest.hexdigest()
 
     def _camera(self, form) -> int:
         camid = _integer(form, "camid")
@@ -617,8 +633,9 @@ def create_app(index, extractor, *, settings: ServiceSettings | None = None,
 
     @app.get("/healthz", summary="status, gallery size, feature width, model fingerprint, backend")
     async def healthz():
-        return {"status": "ok", "size": int(index.size), "dim": int(index.dim), "metric": index.metric,
-                "kind": index.kind, "fingerprint": extractor.fingerprint or index.fingerprint or "",
+        size = await asyncio.to_thread(lambda: int(index.size))  # a server round trip for Milvus
+        return {"status": "ok", "size": size, "dim": int(index.dim), "metric": index.metric,
+                "kind": index.kind, "gallery": index.backend, "fingerprint": extractor.fingerprint or index.fingerprint or "",
                 "backend": backend, "modalities": list(extractor.modalities),
                 "num_cameras": requests.num_cameras, "threshold": threshold,
                 "thresholds": {f"{key:g}": value for key, value in sorted(_fpr_thresholds(index).items())},
@@ -628,18 +645,23 @@ def create_app(index, extractor, *, settings: ServiceSettings | None = None,
 
 
 def run_server(index_dir, *, weights=None, config=None, onnx=None, device: str = "auto", host: str = "127.0.0.1",
-               port: int = 8000, settings: ServiceSettings | None = None, access_log: bool = False) -> None:
-    """Load the index in ``index_dir`` and the model (``weights`` [+ ``config``] or ``onnx``), check
+               port: int = 8000, settings: ServiceSettings | None = None, access_log: bool = False,
+               backend: str | None = None, uri: str | None = None) -> None:
+    """Open the gallery ``index_dir`` (an index directory, or with ``backend="milvus"`` a collection
+    at ``uri``) and the model (``weights`` [+ ``config``] or ``onnx``), check
     that they fit, and serve until SIGINT / SIGTERM. Port 0 picks a free port; the line
     ``serving http://HOST:PORT ...`` on stdout says which, once requests are taken."""
     serve = _import_serve()
-    from editor_reid.deploy.gallery import GalleryIndex
+    from editor_reid.deploy.gallery import check_backend, open_gallery
     from editor_reid.features.extractor import FeatureExtractor
 
     if (weights is None) == (onnx is None):
         raise UsageError("give the model as weights (a checkpoint) or as onnx (an exported model), one of them")
     settings = settings or ServiceSettings()
-    index = GalleryIndex.load(index_dir)
+    backend = check_backend(backend, uri)
+    index = open_gallery(index_dir, backend=backend, uri=uri)
+    if index.backend == "milvus":
+        index_dir = f"{index.collection} at {index.uri}"
     # One model call per batch: the extractor's own batches are as large as ours.
     if onnx is not None:
         extractor = FeatureExtractor.from_onnx(onnx, device=device, batch_size=settings.max_batch)

@@ -396,7 +396,8 @@ def run_calibrate(*, fprs: Sequence[float] = DEFAULT_FPRS, metric: str | None = 
                   features: str | Path | None = None, weights: str | Path | None = None,
                   config: Any = None, dataset: str | None = None, root: str | Path | None = None,
                   manifest: str | Path | None = None, device: str | None = None, out: str | Path | None = None,
-                  index: str | Path | None = None, chunk_size: int = 256, quiet: bool = False) -> Calibration:
+                  index: str | Path | None = None, chunk_size: int = 256, quiet: bool = False,
+                  backend: str | None = None, uri: str | None = None) -> Calibration:
     """``editor-reid calibrate``: thresholds from a feature file's query/gallery rows, or from
     the query and gallery splits of ``dataset``/``manifest`` extracted with ``weights``.
     Writes them to ``out`` (JSON, :meth:`Calibration.to_json`) and/or into the manifest of the
@@ -408,9 +409,11 @@ def run_calibrate(*, fprs: Sequence[float] = DEFAULT_FPRS, metric: str | None = 
     fprs = parse_fprs(fprs)
     gallery = None
     if index is not None:
-        from editor_reid.deploy.gallery import GalleryIndex
+        from editor_reid.deploy.gallery import open_gallery
 
-        gallery = GalleryIndex.load(index)
+        gallery = open_gallery(index, backend=backend, uri=uri)
+        if gallery.backend == "milvus":
+            index = f"{gallery.collection} at {gallery.uri}"
         if metric is None:
             metric = gallery.metric
     metric = metric or "euclidean"
@@ -438,6 +441,8 @@ def run_calibrate(*, fprs: Sequence[float] = DEFAULT_FPRS, metric: str | None = 
               f"{cal.protocol}, {metric} distance")
         print(cal.table())
         where = [f"'{out}'"] if out is not None else []
-        where += [f"the manifest of index '{index}'"] if index is not None else []
+        if gallery is not None:
+            where += [f"the description of Milvus collection '{gallery.collection}' at {gallery.uri}"
+                      if gallery.backend == "milvus" else f"the manifest of index '{index}'"]
         print(f"calibrate: wrote the thresholds to {' and '.join(where)}")
     return cal

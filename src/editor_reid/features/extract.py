@@ -272,7 +272,7 @@ def run_extract(weights: str | Path | None, out: str | Path, *, config: Config |
                 chunk_size: int = DEFAULT_CHUNK_SIZE, num_workers: int | None = None, normalize: bool = True,
                 device: str | None = None, amp: str = "none", quiet: bool = False,
                 on_chunk: Callable[[int], None] | None = None, backend: str | None = None,
-                onnx: str | Path | None = None) -> Path:
+                onnx: str | Path | None = None, sink=None) -> Path:
     """Extract the features of one input (see :func:`collect_inputs`; or ``inputs``, samples
     listed by the caller) with ``weights`` and write them to the feature file ``out``
     (:mod:`editor_reid.features.store`), in input order.
@@ -286,6 +286,12 @@ def run_extract(weights: str | Path | None, out: str | Path, *, config: Config |
     ``backend``: "torch" runs ``weights`` (a checkpoint); "onnxruntime" runs ``onnx``, a file of
     ``editor-reid export`` (:meth:`FeatureExtractor.from_onnx`; its config is in the file, so
     neither ``weights`` nor ``config`` is given). Default: the one the given model file needs.
+
+    ``sink`` also sends the features somewhere as they are made (``extract --to-gallery``:
+    :func:`editor_reid.deploy.sink.gallery_sink`): every rank calls ``sink.open(ctx, dim=,
+    fingerprint=, modalities=, count=, has_gallery=)`` before extracting, ``sink.chunk(ff, rows,
+    resumed=)`` for each chunk it computes (``resumed=True`` for its chunks an earlier run
+    finished) and rank 0 ``sink.merged(ff, quiet=)`` after writing ``out``.
     """
     ensure_console_log()
     if chunk_size < 1:
@@ -308,7 +314,7 @@ def run_extract(weights: str | Path | None, out: str | Path, *, config: Config |
                 target = ctx.device if ctx.distributed or device in (None, "auto") else device
                 extractor = FeatureExtractor(weights, config, device=target, batch_size=batch_size, amp=amp)
             return _extract(ctx, extractor, inputs, out, chunk_size=chunk_size, num_workers=num_workers,
-                            normalize=normalize, quiet=quiet, on_chunk=on_chunk)
+                            normalize=normalize, quiet=quiet, on_chunk=on_chunk, sink=sink)
     finally:
         du.shutdown_distributed(ctx)
 
@@ -335,7 +341,7 @@ def _check_backend(backend: str | None, weights, onnx, config, amp: str) -> str:
 
 
 def _extract(ctx: du.DistContext, extractor: FeatureExtractor, inputs: ExtractInputs, out: Path, *, chunk_size: int,
-             num_workers: int | None, normalize: bool, quiet: bool, on_chunk) -> Path:
+             num_workers: int | None, normalize: bool, quiet: bool, on_chunk, sink=None) -> Path:
     cfg = extractor.cfg
     if num_workers is not None:
         cfg.dataloader.num_workers = num_workers
@@ -370,6 +376,14 @@ def _extract(ctx: du.DistContext, extractor: FeatureExtractor, inputs: ExtractIn
 
     mine = [i for i in range(len(bounds)) if i % ctx.world_size == ctx.rank]
     finished = set(done)
+    if sink is not None:
+        has_gallery = "gallery" in set(inputs.splits)
+        count = sum(split == "gallery" for split in inputs.splits) if has_gallery else total
+        sink.open(ctx, dim=extractor.feature_dim, fingerprint=extractor.fingerprint or "",
+                  modalities=extractor.modalities, count=count, has_gallery=has_gallery)
+        for i in mine:
+            if i in finished:
+                sink.chunk(load_feature_file(_chunk_path(parts, i)), np.arange(*bounds[i]), resumed=True)
     pending = [i for i in mine if i not in finished]
     mine_rows = sum(bounds[i][1] - bounds[i][0] for i in mine)
     batch = extractor.batch_size
@@ -389,7 +403,10 @@ def _extract(ctx: du.DistContext, extractor: FeatureExtractor, inputs: ExtractIn
             for i in pending:
                 lo, hi = bounds[i]
                 feats = extractor.extract_batches(_counted(batches, -(-(hi - lo) // batch), bar), normalize=normalize)
-                save_feature_file(_chunk_path(parts, i), _chunk_file(inputs, lo, hi, feats, **columns))
+                chunk = _chunk_file(inputs, lo, hi, feats, **columns)
+                save_feature_file(_chunk_path(parts, i), chunk)
+                if sink is not None:
+                    sink.chunk(chunk, np.arange(lo, hi), resumed=False)
                 if on_chunk is not None:
                     on_chunk(i)
             del batches, loader
@@ -399,5 +416,7 @@ def _extract(ctx: du.DistContext, extractor: FeatureExtractor, inputs: ExtractIn
         if not quiet:
             kind = "L2-normalised" if normalize else "not normalised"
             print(f"extract: wrote {len(ff)} features ({ff.features.shape[1]}-d, {kind}) of {inputs.what} to '{out}'")
+        if sink is not None:
+            sink.merged(ff, quiet=quiet)
     du.barrier(ctx)
     return out
