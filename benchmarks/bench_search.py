@@ -21,6 +21,23 @@ folder (``--workdir``), so 1M x 2304 float32 (9.2 GB) is never held twice in mem
 
 HNSW is skipped above ``--hnsw-max`` entries (default 200,000): its graph is built one insertion
 at a time, and at 1M x 2304 that takes far too long on two cores.
+
+``--backend faiss,milvus`` adds the Milvus backend (`editor_reid.deploy.milvus`) over the same
+vectors, in a Milvus Lite file (``--milvus-uri``, default ``milvus.db`` in the work folder; a
+server ``http://HOST:19530`` works too). Its kinds (``--kinds``: flat, ivf, hnsw; the FAISS
+backend builds flat, ivfpq and hnsw of the same list) get their documented parameters
+(`milvus_params`, or ``--params``); each is built as a gallery is: the entries upserted, then a
+flush, which seals the segments so that Milvus Lite builds its per-segment index; the build time
+is the two together. Recall@10 and the speed-ups are against the exact FAISS flat search (which
+always runs), and Milvus flat is checked against it: the share of (query, rank) slots holding the
+same gallery row, and the largest difference of their distances. The index the server says it
+built is printed beside the parameters asked for. Milvus is skipped above ``--milvus-max`` entries
+(default 100,000) and its HNSW above ``--hnsw-max`` too: Milvus Lite is pure Python behind gRPC,
+and upserting 2304-d vectors through it is slow.
+
+Cost on the 2-core machine of docs/gallery.md (Intel Xeon, 2 FAISS threads)::
+
+    python benchmarks/bench_search.py --sizes 20000 --backend faiss,milvus    # MILVUS_COST_20K
 """
 
 from __future__ import annotations
@@ -36,10 +53,12 @@ from pathlib import Path
 
 import numpy as np
 
-from editor_reid.deploy.gallery import AUTO_FLAT_MAX, GalleryIndex, default_params, resolve_kind
+from editor_reid.deploy.gallery import AUTO_FLAT_MAX, GalleryIndex, GalleryIndexError, default_params, resolve_kind
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 KIND_ORDER = ("flat", "ivfpq", "hnsw")
+MILVUS_KIND_ORDER = ("flat", "ivf", "hnsw")
+BACKENDS = ("faiss", "milvus")
 TARGET_SIZE = 1_000_000
 TARGET_RECALL = 0.95
 TARGET_SPEEDUP = 10.0
@@ -114,7 +133,56 @@ def measure(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k:
     row = {"kind": kind, "params": index.params, "build_s": build_s, "save_s": save_s, "index_bytes": index_bytes,
            "rss_delta_bytes": rss_delta, "batch1_ms_per_query": batch1_ms, "batched_ms_per_query": batched_ms}
     del index
-    return row, result.entries
+    return row, result
+
+
+def measure_milvus(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k: int, uri: str, client,
+                   params: dict | None) -> tuple[dict, object]:
+    """As :func:`measure` for a collection of ``uri``; ``client`` reads what the server built."""
+    from editor_reid.deploy.milvus import MilvusGallery
+
+    collection = f"bench_search_{kind}"
+    start = time.perf_counter()
+    index = MilvusGallery.build(gallery, uri=uri, collection=collection, kind=kind, params=params, overwrite=True)
+    upsert_s = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        index.save()
+        flush_s = time.perf_counter() - start
+        described = client.describe_index(collection, "vector")
+        index.search(queries[:1], k)
+        start = time.perf_counter()
+        for i in range(batch1):
+            index.search(queries[i:i + 1], k)
+        batch1_ms = (time.perf_counter() - start) / batch1 * 1e3
+        start = time.perf_counter()
+        result = index.search(queries, k)
+        batched_ms = (time.perf_counter() - start) / len(queries) * 1e3
+        entries = index.size
+    finally:
+        index.drop()
+        index.close()
+    server_index = {key: value for key, value in described.items()
+                    if key not in ("field_name", "index_name", "total_rows", "indexed_rows", "pending_index_rows")}
+    row = {"kind": kind, "params": index.params, "server_index": server_index, "entries": entries,
+           "indexed_rows": int(described.get("indexed_rows", -1)), "upsert_s": upsert_s, "flush_s": flush_s,
+           "build_s": upsert_s + flush_s, "batch1_ms_per_query": batch1_ms, "batched_ms_per_query": batched_ms}
+    return row, result
+
+
+def recall_at(found: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """The mean share of each query's exact top ``k`` rows that ``found`` holds (-1: no match)."""
+    return float(np.mean([len(set(a[a >= 0]) & set(b)) / k for a, b in zip(found, exact)]))
+
+
+def release_lite(uri: str) -> None:
+    """Stop the in-process Milvus Lite server of ``uri`` so that nothing writes to its folder
+    after the benchmark removes it (Milvus Lite would close it at exit)."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:
+        return
+    server_manager_instance.release_server(uri)
 
 
 def parse_params(items: list[str]) -> dict[str, dict[str, int]]:
@@ -136,16 +204,32 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--views", type=int, default=10, help="gallery entries per identity")
     parser.add_argument("--latent", type=int, default=64, help="dimension of the identity space")
-    parser.add_argument("--kinds", default=",".join(KIND_ORDER), help="comma-separated kinds (flat always runs)")
+    parser.add_argument("--backend", default="faiss",
+                        help="comma-separated backends: faiss, milvus (FAISS flat always runs, as the reference)")
+    parser.add_argument("--kinds", default="flat,ivfpq,ivf,hnsw",
+                        help="comma-separated kinds; each backend builds those it has (faiss: ivfpq, hnsw; milvus: "
+                             "flat, ivf, hnsw)")
     parser.add_argument("--hnsw-max", type=int, default=200_000, help="skip HNSW above this many entries")
+    parser.add_argument("--milvus-uri", default=None,
+                        help="Milvus Lite file PATH.db or server http://HOST:19530 (default: milvus.db in the work "
+                             "folder); its bench_search_* collections are replaced and dropped")
+    parser.add_argument("--milvus-max", type=int, default=100_000, help="skip the Milvus backend above this many "
+                                                                        "entries")
     parser.add_argument("--params", action="append", default=[], metavar="KIND:KEY=V[,KEY=V]",
-                        help="override index parameters, e.g. ivfpq:nprobe=64,k_factor=10")
+                        help="override index parameters, e.g. ivfpq:nprobe=64,k_factor=10 or ivf:nprobe=32 (hnsw: "
+                             "both backends)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the memory-mapped gallery")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    kinds = ["flat"] + [kind for kind in args.kinds.split(",") if kind in KIND_ORDER[1:]]
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        parser.error(f"--backend takes a comma-separated list of {', '.join(BACKENDS)}, got {args.backend!r}")
+    asked = [kind.strip() for kind in args.kinds.split(",")]
+    kinds = ["flat"] + ([kind for kind in KIND_ORDER[1:] if kind in asked] if "faiss" in backends else [])
+    milvus_kinds = [kind for kind in MILVUS_KIND_ORDER if kind in asked] if "milvus" in backends else []
     overrides = parse_params(args.params)
     import faiss
 
@@ -154,9 +238,25 @@ def main(argv=None) -> int:
           f"time), k={args.k}; {cpu}", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_search.", dir=args.workdir))
     report = {"cpu": cpu, "dim": args.dim, "queries": args.queries, "k": args.k, "auto_flat_max": AUTO_FLAT_MAX,
-              "sizes": {}}
+              "backends": backends, "sizes": {}}
     hnsw_seconds_per_entry = None
+    milvus_seconds_per_entry = None
+    uri, client = None, None
     try:
+        if milvus_kinds:
+            from editor_reid.deploy.milvus import connect
+
+            uri = str(args.milvus_uri or workdir / "milvus.db")
+            try:
+                client = connect(uri)
+            except GalleryIndexError as exc:
+                print(f"bench_search.py: error: --milvus-uri: {exc}", file=sys.stderr)
+                return 2
+            import pymilvus
+
+            report["milvus"] = {"uri": uri, "server": str(client.get_server_version()),
+                                "pymilvus": pymilvus.__version__, "kinds": milvus_kinds}
+            print(f"milvus: {uri}, server {report['milvus']['server']}, pymilvus {pymilvus.__version__}", flush=True)
         for size in sizes:
             data = Features(size, args.dim, args.views, args.latent, args.seed)
             start = time.perf_counter()
@@ -176,16 +276,15 @@ def main(argv=None) -> int:
                     continue
                 params = overrides.get(kind)
                 try:
-                    row, entries = measure(kind, gallery, queries, min(args.batch1, args.queries), args.k, workdir,
-                                           params)
+                    row, result = measure(kind, gallery, queries, min(args.batch1, args.queries), args.k, workdir,
+                                          params)
                 except Exception as exc:  # noqa: BLE001 - e.g. too few entries to train: report and go on
                     rows[kind] = {"kind": kind, "skipped": str(exc)}
                     print(f"  {kind}: skipped: {exc}", flush=True)
                     continue
                 if kind == "flat":
-                    exact = entries
-                row["recall_at_k"] = float(np.mean([len(set(a[a >= 0]) & set(b)) / args.k
-                                                    for a, b in zip(entries, exact)]))
+                    exact = result
+                row["recall_at_k"] = recall_at(result.entries, exact.entries, args.k)
                 if kind == "hnsw":
                     hnsw_seconds_per_entry = row["build_s"] / size
                 rows[kind] = row
@@ -200,9 +299,47 @@ def main(argv=None) -> int:
             auto = resolve_kind("auto", size)
             report["sizes"][str(size)] = {"auto": auto, "auto_params": default_params(auto, size, args.dim),
                                           "kinds": rows}
+            if milvus_kinds:
+                milvus_rows = {}
+                for kind in milvus_kinds:
+                    if size > args.milvus_max or (kind == "hnsw" and size > args.hnsw_max):
+                        limit = (f"--milvus-max {args.milvus_max:,}" if size > args.milvus_max
+                                 else f"--hnsw-max {args.hnsw_max:,}")
+                        estimate = (f"; at the measured {milvus_seconds_per_entry * 1e3:.2f} ms per entry the "
+                                    f"upsert and flush alone would take {milvus_seconds_per_entry * size / 60:.0f} min"
+                                    if milvus_seconds_per_entry and size > args.milvus_max else "")
+                        reason = f"not built above {limit} entries{estimate}"
+                        milvus_rows[kind] = {"kind": kind, "skipped": reason}
+                        print(f"  milvus {kind}: skipped, {reason}", flush=True)
+                        continue
+                    try:
+                        row, result = measure_milvus(kind, gallery, queries, min(args.batch1, args.queries), args.k,
+                                                     uri, client, overrides.get(kind))
+                    except GalleryIndexError as exc:
+                        milvus_rows[kind] = {"kind": kind, "skipped": str(exc)}
+                        print(f"  milvus {kind}: skipped: {exc}", flush=True)
+                        continue
+                    row["recall_at_k"] = recall_at(result.fields["row"], exact.entries, args.k)
+                    row["speedup_batch1"] = flat["batch1_ms_per_query"] / row["batch1_ms_per_query"]
+                    row["speedup_batched"] = flat["batched_ms_per_query"] / row["batched_ms_per_query"]
+                    if kind == "flat":
+                        row["same_rows"] = float(np.mean(result.fields["row"] == exact.entries))
+                        row["same_top_k_sets"] = float(np.mean([set(a) == set(b) for a, b in
+                                                                zip(result.fields["row"], exact.entries)]))
+                        row["max_abs_distance_diff"] = float(np.max(np.abs(result.distances - exact.distances)))
+                        milvus_seconds_per_entry = row["build_s"] / size
+                    milvus_rows[kind] = row
+                    print(f"  milvus {kind}: built in {row['build_s']:.1f} s (upsert {row['upsert_s']:.1f} s, flush "
+                          f"{row['flush_s']:.1f} s), {row['batch1_ms_per_query']:.2f} ms/query alone, "
+                          f"{row['batched_ms_per_query']:.3f} ms/query batched, recall@{args.k} "
+                          f"{row['recall_at_k']:.3f}", flush=True)
+                report["sizes"][str(size)]["milvus"] = {"kinds": milvus_rows}
             del gallery
             (workdir / "gallery.npy").unlink()
     finally:
+        if client is not None:
+            client.close()
+            release_lite(uri)
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(f"\n{'entries':>9} {'kind':<6} {'build s':>8} {'index MiB':>10} {'RSS +MiB':>9} {'1 query ms':>11} "
@@ -216,6 +353,8 @@ def main(argv=None) -> int:
                   f"{row['rss_delta_bytes'] / 2**20:>9.0f} {row['batch1_ms_per_query']:>11.2f} "
                   f"{row['batched_ms_per_query']:>13.3f} {row['recall_at_k']:>10.3f} {row['speedup_batch1']:>10.1f}x "
                   f"{row['speedup_batched']:>14.1f}x")
+    if milvus_kinds:
+        print_milvus_table(report, args.k)
     print(f"\nauto: flat up to {AUTO_FLAT_MAX:,} entries, ivfpq above")
     for size, entry in report["sizes"].items():
         row = entry["kinds"].get(entry["auto"], {})
@@ -235,6 +374,37 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def print_milvus_table(report: dict, k: int) -> None:
+    """The Milvus rows: build = upsert + flush; recall and speed-ups against FAISS flat; for
+    Milvus flat, the share of (query, rank) slots with FAISS flat's row and the largest distance
+    difference; then the index each kind asked for and the one the server describes."""
+    milvus = report["milvus"]
+    print(f"\nmilvus ({milvus['server']}, pymilvus {milvus['pymilvus']}) on the same vectors; recall@{k} and speed-ups "
+          "against FAISS flat")
+    print(f"{'entries':>9} {'kind':<6} {'upsert s':>9} {'flush s':>8} {'build s':>8} {'1 query ms':>11} "
+          f"{'batched ms/q':>13} {f'recall@{k}':>10} {'speed-up 1':>11} {'speed-up batch':>15} {'same rows':>10} "
+          f"{'max |d diff|':>13}")
+    described = []
+    for size, entry in report["sizes"].items():
+        for kind, row in entry.get("milvus", {}).get("kinds", {}).items():
+            if "skipped" in row:
+                print(f"{int(size):>9,} {kind:<6} skipped: {row['skipped']}")
+                continue
+            same = (f"{row['same_rows']:>10.3f} {row['max_abs_distance_diff']:>13.2e}" if "same_rows" in row
+                    else f"{'':>10} {'':>13}")
+            print(f"{int(size):>9,} {kind:<6} {row['upsert_s']:>9.1f} {row['flush_s']:>8.1f} {row['build_s']:>8.1f} "
+                  f"{row['batch1_ms_per_query']:>11.2f} {row['batched_ms_per_query']:>13.3f} "
+                  f"{row['recall_at_k']:>10.3f} {row['speedup_batch1']:>10.1f}x {row['speedup_batched']:>14.1f}x "
+                  f"{same}".rstrip())
+            server = ", ".join(f"{key} {value}" for key, value in row["server_index"].items())
+            if kind != "flat" and "params" not in row["server_index"]:
+                server += ", no build parameters"
+            described.append(f"{int(size):>9,} {kind:<6} asked {row['params'] or '{}'}; the server describes: "
+                             f"{server}; {row['indexed_rows']:,} of {row['entries']:,} entries indexed")
+    if described:
+        print("\n".join(["", *described]))
 
 
 if __name__ == "__main__":

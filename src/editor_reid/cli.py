@@ -30,7 +30,7 @@ from pathlib import Path
 import editor_reid
 from editor_reid.config import MAX_SEED, PRESET_DIR, ConfigError, load_config, resolve_config_path
 from editor_reid.data.layouts import LAYOUT_NAMES, SPLIT_NAMES
-from editor_reid.errors import EditorReidError
+from editor_reid.errors import EditorReidError, UsageError
 
 DEBUG_ENV = "EDITOR_REID_DEBUG"
 
@@ -345,7 +345,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 
         sink = gallery_sink(args.to_gallery, uri=args.uri)
     elif args.uri is not None:
-        _usage_error("editor-reid extract", "--uri is the Milvus of --to-gallery; give --to-gallery COLLECTION too")
+        raise UsageError("--uri is the Milvus of --to-gallery; give --to-gallery COLLECTION too")
     run_extract(args.weights, args.out, config=args.config, dataset=args.dataset, root=args.root,
                 manifest=args.manifest, images=args.images, splits=args.splits, batch_size=args.batch_size,
                 chunk_size=args.chunk_size, num_workers=args.workers, normalize=not args.no_normalize,

@@ -1117,9 +1117,8 @@ def gallery_info(index: str | os.PathLike, *, backend: str | None = None, uri: s
 
 def _describe(index) -> str:
     exact = "exact" if index.kind == "flat" else "approximate"
-    where = f" ({index.location})" if index.backend == "milvus" else ""
     return (f"{index.kind} index ({exact}), {index.size} entries, {index.dim}-d, {index.metric}, "
-            f"model {index.fingerprint[:12] or 'unknown'}{where}")
+            f"model {index.fingerprint[:12] or 'unknown'}")
 
 
 def run_index_build(features: str | os.PathLike, out: str | os.PathLike, *, kind: str = "auto",

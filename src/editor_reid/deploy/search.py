@@ -131,8 +131,13 @@ def run_search(index: str | Path, out: str | Path | None, *, features: str | Pat
                f"threshold {limit:.6g}" + (f" (FPR {fpr:g})" if fpr is not None else ""))
         wrote = f", wrote '{out}'" if out is not None else ""
         kept = ", other cameras only" if exclude_same_camera else ""
-        kept += f", where {where}" if where else ""
-        kept += f", timestamps in [{time_range[0]}, {time_range[1]})" if time_range else ""
+        for column, values in (where or {}).items():
+            values = values if isinstance(values, (list, tuple)) else [values]
+            kept += f", {column} in {','.join(str(v) for v in values)}"
+        if time_range:
+            bounds = [f"{time_range[0]} <= timestamp" if time_range[0] is not None else "",
+                      f"timestamp < {time_range[1]}" if time_range[1] is not None else ""]
+            kept += ", " + " and ".join(b for b in bounds if b)
         print(f"search: {len(items)} queries of {source} in index '{index}' ({gallery.size} items, {gallery.metric}), "
               f"k={k}{kept}; {unknown} unknown ({how}){wrote}")
     return items

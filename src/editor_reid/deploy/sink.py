@@ -106,6 +106,11 @@ class MilvusSink:
         self.gallery.add(part, metadata, fingerprint=ff.fingerprint)
         self.written += len(part)
 
+    def finished(self, ctx: du.DistContext, *, quiet: bool) -> None:
+        if ctx.distributed and not quiet:
+            print(f"extract: rank {ctx.rank} of {ctx.world_size} wrote {self.written} gallery rows to Milvus "
+                  f"collection '{self.collection}'", flush=True)
+
     def merged(self, ff: FeatureFile, *, quiet: bool) -> None:
         if not quiet:
             print(f"extract: the gallery rows are in Milvus collection '{self.collection}' at {self.uri} "
@@ -134,6 +139,9 @@ class FaissSink:
 
     def chunk(self, ff: FeatureFile, rows: np.ndarray, *, resumed: bool) -> None:
         """Nothing: one process writes an index directory, at the end."""
+
+    def finished(self, ctx: du.DistContext, *, quiet: bool) -> None:
+        """Nothing: rank 0 writes the index once the file is merged."""
 
     def merged(self, ff: FeatureFile, *, quiet: bool) -> None:
         rows = _gallery_rows(ff, self.has_gallery)

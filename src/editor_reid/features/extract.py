@@ -291,7 +291,8 @@ def run_extract(weights: str | Path | None, out: str | Path, *, config: Config |
     :func:`editor_reid.deploy.sink.gallery_sink`): every rank calls ``sink.open(ctx, dim=,
     fingerprint=, modalities=, count=, has_gallery=)`` before extracting, ``sink.chunk(ff, rows,
     resumed=)`` for each chunk it computes (``resumed=True`` for its chunks an earlier run
-    finished) and rank 0 ``sink.merged(ff, quiet=)`` after writing ``out``.
+    finished) and ``sink.finished(ctx, quiet=)`` after them; rank 0 calls ``sink.merged(ff,
+    quiet=)`` after writing ``out``.
     """
     ensure_console_log()
     if chunk_size < 1:
@@ -410,6 +411,8 @@ def _extract(ctx: du.DistContext, extractor: FeatureExtractor, inputs: ExtractIn
                 if on_chunk is not None:
                     on_chunk(i)
             del batches, loader
+    if sink is not None:
+        sink.finished(ctx, quiet=quiet)
     du.barrier(ctx)
     if ctx.is_main:
         ff = _merge(parts, out, inputs, bounds, **columns)
