@@ -624,7 +624,7 @@ class GalleryIndex:
         self._check_compatible(x.shape[1], fingerprint)
         n = x.shape[0]
         prepared = _prepare(x, self.normalized)
-        columns = self._columns_for(metadata, n, prepared, fingerprint=fingerprint)
+        columns = self._columns_for(metadata, n, x, fingerprint=fingerprint)  # keys from the raw rows, as build
         with self._lock.write():
             if not skip_existing:
                 if self.directory is not None and n:

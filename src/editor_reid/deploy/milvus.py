@@ -434,8 +434,8 @@ class MilvusGallery:
         self._check_compatible(x.shape[1], fingerprint)
         n = x.shape[0]
         prepared = _prepare(x, self.normalized)
-        columns = entry_columns(metadata, n, prepared, fingerprint=fingerprint or self.fingerprint,
-                                normalize=self.normalized)
+        columns = entry_columns(metadata, n, x, fingerprint=fingerprint or self.fingerprint,
+                                normalize=self.normalized)  # keys from the raw rows, as the FAISS backend
         model = fingerprint or self.fingerprint
         known = set(self._fields)
         extra = [name for name in columns if name not in known and name != "key"]
@@ -523,7 +523,10 @@ class MilvusGallery:
     # -- searching
 
     def _filter_columns(self) -> dict[str, np.dtype]:
-        return {name: np.dtype(np.int64) if kind == "int" else np.dtype("<U1") for name, kind in self._fields.items()}
+        """The fields ``where`` takes: the schema's scalar fields and the primary key (metadata in
+        the dynamic field is stored, not filtered on)."""
+        fields = {name: np.dtype(np.int64) if kind == "int" else np.dtype("<U1") for name, kind in self._fields.items()}
+        return {**fields, "key": np.dtype(np.int64)}
 
     def search(self, queries, k: int = 10, *, query_camids=None, exclude_same_camera: bool = False,
                threshold: float | str | None = None, where: Mapping[str, Any] | None = None,
