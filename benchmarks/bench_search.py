@@ -24,20 +24,29 @@ at a time, and at 1M x 2304 that takes far too long on two cores.
 
 ``--backend faiss,milvus`` adds the Milvus backend (`editor_reid.deploy.milvus`) over the same
 vectors, in a Milvus Lite file (``--milvus-uri``, default ``milvus.db`` in the work folder; a
-server ``http://HOST:19530`` works too). Its kinds (``--kinds``: flat, ivf, hnsw; the FAISS
-backend builds flat, ivfpq and hnsw of the same list) get their documented parameters
-(`milvus_params`, or ``--params``); each is built as a gallery is: the entries upserted, then a
-flush, which seals the segments so that Milvus Lite builds its per-segment index; the build time
-is the two together. Recall@10 and the speed-ups are against the exact FAISS flat search (which
-always runs), and Milvus flat is checked against it: the share of (query, rank) slots holding the
-same gallery row, and the largest difference of their distances. The index the server says it
-built is printed beside the parameters asked for. Milvus is skipped above ``--milvus-max`` entries
-(default 100,000) and its HNSW above ``--hnsw-max`` too: Milvus Lite is pure Python behind gRPC,
-and upserting 2304-d vectors through it is slow.
+server ``http://HOST:19530`` works too; its ``bench_search_*`` collections are replaced, then
+dropped). Its kinds (``--kinds``: flat, ivf, hnsw; the FAISS backend builds flat, ivfpq and hnsw
+of the same list) get their documented parameters (`milvus_params`, or ``--params``). Each is
+built as a gallery is, the entries upserted and then flushed (the flush seals the segments, and
+Milvus Lite builds its per-segment index then), so its build time is the two together; the
+searches come after the flush. Recall@10 and the speed-ups are against the exact FAISS flat search
+(which always runs), and Milvus flat is checked against it: the share of (query, rank) slots that
+hold the same gallery row, and the largest difference of their distances. The index the server
+describes is printed beside the parameters asked for: Milvus Lite 3.2.2 reads build parameters
+only from a JSON ``params`` entry, which pymilvus 3.0.2 does not send, so it reports "no build
+parameters" and builds IVF_FLAT and HNSW with its own defaults (nlist 128; M 16, efConstruction
+200); the search parameters (nprobe, ef) do reach it.
 
-Cost on the 2-core machine of docs/gallery.md (Intel Xeon, 2 FAISS threads)::
+Milvus is skipped above ``--milvus-max`` entries (default 50,000), and its HNSW above
+``--hnsw-max`` as well: Milvus Lite is pure Python behind gRPC, in this process, and writing
+2304-d vectors through it costs about 1.5-2 ms per entry, for each kind. On the 2-core machine of
+docs/gallery.md (shared with other work while measured)::
 
-    python benchmarks/bench_search.py --sizes 20000 --backend faiss,milvus    # MILVUS_COST_20K
+    python benchmarks/bench_search.py --sizes 20000 --backend faiss,milvus    # 3 min 10 s
+
+of which about 2 min 10 s is Milvus (3 builds of 30-43 s each, searches) and 3.5 GB peak
+resident memory; the Milvus part at 100,000 entries would take about 9-10 min, hence the default
+limit.
 """
 
 from __future__ import annotations
@@ -213,8 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--milvus-uri", default=None,
                         help="Milvus Lite file PATH.db or server http://HOST:19530 (default: milvus.db in the work "
                              "folder); its bench_search_* collections are replaced and dropped")
-    parser.add_argument("--milvus-max", type=int, default=100_000, help="skip the Milvus backend above this many "
-                                                                        "entries")
+    parser.add_argument("--milvus-max", type=int, default=50_000,
+                        help="skip the Milvus backend above this many entries")
     parser.add_argument("--params", action="append", default=[], metavar="KIND:KEY=V[,KEY=V]",
                         help="override index parameters, e.g. ivfpq:nprobe=64,k_factor=10 or ivf:nprobe=32 (hnsw: "
                              "both backends)")
@@ -227,10 +236,17 @@ def main(argv=None) -> int:
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown or not backends:
         parser.error(f"--backend takes a comma-separated list of {', '.join(BACKENDS)}, got {args.backend!r}")
-    asked = [kind.strip() for kind in args.kinds.split(",")]
+    asked = [kind.strip() for kind in args.kinds.split(",") if kind.strip()]
+    unknown = [kind for kind in asked if kind not in KIND_ORDER + MILVUS_KIND_ORDER]
+    if unknown:
+        parser.error(f"--kinds: unknown kind {unknown[0]!r} (faiss: {', '.join(KIND_ORDER)}; milvus: "
+                     f"{', '.join(MILVUS_KIND_ORDER)})")
     kinds = ["flat"] + ([kind for kind in KIND_ORDER[1:] if kind in asked] if "faiss" in backends else [])
     milvus_kinds = [kind for kind in MILVUS_KIND_ORDER if kind in asked] if "milvus" in backends else []
-    overrides = parse_params(args.params)
+    try:
+        overrides = parse_params(args.params)
+    except ValueError:
+        parser.error(f"--params takes KIND:KEY=INTEGER[,KEY=INTEGER], got {' '.join(args.params)!r}")
     import faiss
 
     cpu = f"{cpu_name()}, {faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}"
@@ -414,7 +430,7 @@ def print_milvus_table(report: dict, k: int) -> None:
                   f"{same}".rstrip())
             server = ", ".join(f"{key} {value}" for key, value in row["server_index"].items())
             if kind != "flat" and "params" not in row["server_index"]:
-                server += ", no build parameters"
+                server += ", no build parameters (built with the server's defaults, not those asked for)"
             described.append(f"{int(size):>9,} {kind:<6} asked {row['params'] or '{}'}; the server describes: "
                              f"{server}; {row['indexed_rows']:,} of {row['entries']:,} entries indexed")
     if described:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _features import tiny_weights  # noqa: E402
+from _features import extract_on_one_thread, tiny_weights  # noqa: E402
 
 from editor_reid.cli import main
 from editor_reid.data.layouts import load_dataset
@@ -40,13 +40,7 @@ def setup(tmp_path_factory):
 def single(setup):
     """The query and gallery features of one process, on one thread (as each torchrun rank)."""
     tmp, data, weights = setup
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = run_extract(weights, tmp / "single.npz", dataset="rgbnt201", root=data, **CHUNKING)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return extract_on_one_thread(weights, tmp / "single.npz", data, **CHUNKING)
 
 
 def _same_file(a, b) -> None:

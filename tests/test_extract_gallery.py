@@ -20,7 +20,7 @@ pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _features import tiny_weights  # noqa: E402
+from _features import extract_on_one_thread, tiny_weights  # noqa: E402
 
 from editor_reid.cli import main  # noqa: E402
 from editor_reid.deploy.gallery import GalleryIndex, _metadata_of, entry_columns  # noqa: E402
@@ -46,13 +46,7 @@ def setup(tmp_path_factory):
 def single(setup):
     """The feature file of one uninterrupted process on one thread (as each torchrun rank)."""
     tmp, data, weights = setup
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = run_extract(weights, tmp / "single.npz", dataset="rgbnt201", root=data, **CHUNKING)
-    finally:
-        torch.set_num_threads(threads)
-    return load_feature_file(out)
+    return load_feature_file(extract_on_one_thread(weights, tmp / "single.npz", data, **CHUNKING))
 
 
 def _expected(ff):
@@ -111,12 +105,7 @@ def test_an_interrupted_extraction_to_a_milvus_lite_file_resumes_without_duplica
     rows, _, _ = _expected(single)
     assert gallery.size == int((rows < 30).sum()) == 8  # the gallery rows of the six finished chunks
     assert _drop_chunk(gallery, single, chunk=5) == 5
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_extract(weights, out, dataset="rgbnt201", root=data, sink=gallery_sink("city", uri=uri), **CHUNKING)
-    finally:
-        torch.set_num_threads(threads)
+    extract_on_one_thread(weights, out, data, sink=gallery_sink("city", uri=uri), **CHUNKING)
     _check_collection(gallery, single)
     assert gallery.fingerprint == single.fingerprint and gallery.dim == single.features.shape[1]
     # Again from scratch: every sample is there already, nothing is added twice.

@@ -13,6 +13,8 @@ import socket
 import numpy as np
 import pytest
 
+from _gallery_data import clustered, gaussian  # noqa: E402
+
 pytest.importorskip("faiss")
 
 from editor_reid.cli import main  # noqa: E402
@@ -28,16 +30,10 @@ KINDS = {"faiss": {"exact": "flat", "coarse": "ivfpq", "graph": "hnsw"},
 
 
 def _gaussian(n: int, seed: int, dim: int = DIM) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return gaussian(n, seed, dim)
 
 
-def _clustered(n: int, seed: int, dim: int = 64, clusters: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Gallery views of ``clusters`` identities and 50 fresh query views of them."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    gallery = centres[np.arange(n) % clusters] + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
-    queries = centres[rng.integers(0, clusters, 50)] + 0.5 * rng.standard_normal((50, dim)).astype(np.float32)
-    return gallery, queries
+_clustered = clustered
 
 
 def _metadata(n: int, seed: int = 0) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _features import tiny_weights
+from _features import rgbnt201_test_samples, tiny_weights
 from editor_reid import cli
 from editor_reid.deploy.gallery import GalleryIndex
 from editor_reid.deploy.service import (MAX_IMAGE_PIXELS, MicroBatcher, ServiceError, ServiceSettings,
@@ -43,10 +43,7 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     data, weights = tiny_weights(tmp)
     extractor = FeatureExtractor(weights, device="cpu")
-    rgb = sorted((data / "RGBNT201" / "test" / "RGB").glob("*.jpg"))
-    samples = [{m: str(path.parent.parent / m / path.name) for m in MODALITIES} for path in rgb]
-    pids = np.array([int(path.name.split("_")[0]) for path in rgb])
-    camids = np.array([int(path.name.split("_")[1][3:]) - 1 for path in rgb])
+    samples, pids, camids = rgbnt201_test_samples(data)
     feats = extractor([{**s, "camid": int(c)} for s, c in zip(samples, camids)])
     return {"extractor": extractor, "samples": samples, "feats": feats, "pids": pids, "camids": camids,
             "weights": weights, "tmp": tmp}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _features import tiny_weights
+from _features import rgbnt201_test_samples, tiny_weights
 from editor_reid import cli
 from editor_reid.deploy.gallery import GalleryIndex
 from editor_reid.deploy.service import ServiceSettings, create_app
@@ -30,10 +30,7 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_milvus")
     data, weights = tiny_weights(tmp)
     extractor = FeatureExtractor(weights, device="cpu")
-    rgb = sorted((data / "RGBNT201" / "test" / "RGB").glob("*.jpg"))
-    samples = [{m: str(path.parent.parent / m / path.name) for m in MODALITIES} for path in rgb]
-    pids = np.array([int(path.name.split("_")[0]) for path in rgb])
-    camids = np.array([int(path.name.split("_")[1][3:]) - 1 for path in rgb])
+    samples, pids, camids = rgbnt201_test_samples(data)
     feats = extractor([{**s, "camid": int(c)} for s, c in zip(samples, camids)])
     paths = {f"path_{m}": np.array([s[m] for s in samples]) for m in MODALITIES}
     return {"extractor": extractor, "samples": samples, "feats": feats, "tmp": tmp,

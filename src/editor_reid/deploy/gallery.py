@@ -338,6 +338,50 @@ def check_filters(where: Mapping[str, Any] | None, time_range, columns: Mapping[
     return conditions
 
 
+def clean_thresholds(thresholds: Mapping[str, float]) -> dict[str, float]:
+    """Open-set thresholds as stored: FPR string -> float distance; GalleryIndexError for an FPR
+    outside (0, 1) or a distance that is not finite."""
+    clean = {}
+    for fpr, distance in thresholds.items():
+        try:
+            ok = 0 < float(fpr) < 1 and math.isfinite(float(distance))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise GalleryIndexError(f"a threshold maps an FPR in (0, 1) to a finite distance, got {fpr!r}: "
+                                    f"{distance!r}")
+        clean[str(fpr)] = float(distance)
+    return clean
+
+
+def threshold_value(threshold: float | str | None, thresholds: Mapping[str, float]) -> float | None:
+    """A search's open-set threshold: a distance as given, or the distance calibrated for the FPR
+    key ``threshold`` (e.g. ``"0.001"``) among ``thresholds``."""
+    if isinstance(threshold, str):
+        if threshold not in thresholds:
+            known = ", ".join(thresholds) or "none; run calibrate"
+            raise GalleryIndexError(f"no threshold calibrated for FPR {threshold} (calibrated: {known})")
+        return thresholds[threshold]
+    return threshold
+
+
+def check_queries(queries, k, dim: int, normalize: bool, holder: str = "the index") -> np.ndarray:
+    """Queries (float [Q, F], or [F] for one; a tensor too) as float32 rows of width ``dim``,
+    normalised when ``normalize``; GalleryIndexError for a bad ``k`` or width."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise GalleryIndexError(f"k must be a positive integer, got {k!r}")
+    q = np.asarray(queries.detach().cpu() if hasattr(queries, "detach") else queries)
+    q = _check_features(q[None] if q.ndim == 1 else q, "queries")
+    if q.shape[1] != dim:
+        raise GalleryIndexError(f"{holder} holds {dim}-d features, the queries are {q.shape[1]}-d")
+    return _prepare(q, normalize)
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists of an IVF index over ``n`` entries: the power of two nearest sqrt(n), 16 to 1024."""
+    return int(min(1024, max(16, 2 ** round(math.log2(max(n, 1)) / 2))))
+
+
 def _check_query_camids(query_camids, nq: int, exclude_same_camera: bool) -> np.ndarray | None:
     if not exclude_same_camera:
         return None
@@ -397,7 +441,7 @@ def default_params(kind: str, n: int, dim: int) -> dict[str, int]:
     hnsw: ``M`` links per node, ``ef_construction``, ``ef_search`` (raised to k when k is
     larger). docs/gallery.md has the measurements behind these."""
     if kind == "ivfpq":
-        nlist = int(min(1024, max(16, 2 ** round(math.log2(max(n, 1)) / 2))))
+        nlist = ivf_lists(n)
         return {"nlist": nlist, "nprobe": max(1, nlist // 8), "m": _pq_m(dim), "nbits": 4, "k_factor": 8}
     if kind == "hnsw":
         return {"M": 32, "ef_construction": 40, "ef_search": 64}
@@ -686,14 +730,9 @@ class GalleryIndex:
         index, so the result is that of an exact search of the kept entries for a flat index.
         ``threshold`` (a distance, or an FPR key of :attr:`thresholds` such as ``"0.001"``) marks
         a query ``unknown`` when its best distance is above it."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise GalleryIndexError(f"k must be a positive integer, got {k!r}")
-        q = np.asarray(queries.detach().cpu() if hasattr(queries, "detach") else queries)
-        q = _check_features(q[None] if q.ndim == 1 else q, "queries")
-        self._check_compatible(q.shape[1], None, "the queries are")
-        q = _prepare(q, self.normalized)
+        q = check_queries(queries, k, self.dim, self.normalized)
         nq = q.shape[0]
-        threshold = self._threshold_value(threshold)
+        threshold = threshold_value(threshold, self._thresholds)
         query_camids = _check_query_camids(query_camids, nq, exclude_same_camera)
         distances = np.full((nq, k), np.inf, dtype=np.float32)
         entries = np.full((nq, k), -1, dtype=np.int64)
@@ -711,14 +750,6 @@ class GalleryIndex:
             fields = {name: _gather(self._columns.column(name), entries) for name in ("pid", "camid", "row", "key")}
         unknown = np.zeros(nq, dtype=bool) if threshold is None else ~(distances[:, 0] <= float(threshold))
         return SearchResult(distances, entries, unknown, fields)
-
-    def _threshold_value(self, threshold) -> float | None:
-        if isinstance(threshold, str):
-            if threshold not in self._thresholds:
-                known = ", ".join(self._thresholds) or "none; run calibrate"
-                raise GalleryIndexError(f"no threshold calibrated for FPR {threshold} (calibrated: {known})")
-            return self._thresholds[threshold]
-        return threshold
 
     def _filter_columns(self) -> dict[str, np.dtype]:
         columns = {name: self._columns.column(name).dtype for name in self._columns.as_dict()}
@@ -792,16 +823,7 @@ class GalleryIndex:
         """Replace the open-set thresholds (``{"0.001": distance}``: an FPR as a string, to the
         distance that gives it) and say where they came from; an index with a directory writes
         them to its manifest at once."""
-        clean = {}
-        for fpr, distance in thresholds.items():
-            try:
-                ok = 0 < float(fpr) < 1 and math.isfinite(float(distance))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise GalleryIndexError(f"a threshold maps an FPR in (0, 1) to a finite distance, got {fpr!r}: "
-                                        f"{distance!r}")
-            clean[str(fpr)] = float(distance)
+        clean = clean_thresholds(thresholds)
         with self._save_lock:
             self._thresholds, self.threshold_source = clean, str(source)
             self.updated = _now()

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -51,7 +50,8 @@ import numpy as np
 
 from editor_reid.deploy.gallery import (
     AUTO_FLAT_MAX, METRICS, GalleryIndexError, SearchResult, _check_features, _check_query_camids, _metadata_of,
-    _now, _prepare, check_filters, entry_columns, select_rows)
+    _now, _prepare, check_filters, check_queries, clean_thresholds, entry_columns, ivf_lists, select_rows,
+    threshold_value)
 from editor_reid.features.store import FeatureFile, load_feature_file, path_key
 from editor_reid.modalities import MODALITIES, canonical_order
 
@@ -137,7 +137,7 @@ def milvus_params(kind: str, size: int | None) -> dict[str, int]:
     known), ``nprobe`` = nlist / 8; hnsw: ``M`` 32, ``ef_construction`` 40, ``ef_search`` 64
     (raised to k), the FAISS backend's."""
     if kind == "ivf":
-        nlist = 128 if not size else int(min(1024, max(16, 2 ** round(math.log2(max(size, 1)) / 2))))
+        nlist = ivf_lists(size) if size else 128
         return {"nlist": nlist, "nprobe": max(1, nlist // 8)}
     if kind == "hnsw":
         return {"M": 32, "ef_construction": 40, "ef_search": 64}
@@ -393,16 +393,7 @@ class MilvusGallery:
     def set_thresholds(self, thresholds: Mapping[str, float], *, source: str = "") -> None:
         """Replace the open-set thresholds (as GalleryIndex.set_thresholds) in the collection's
         description, at once."""
-        clean = {}
-        for fpr, distance in thresholds.items():
-            try:
-                ok = 0 < float(fpr) < 1 and math.isfinite(float(distance))
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise GalleryIndexError(f"a threshold maps an FPR in (0, 1) to a finite distance, got {fpr!r}: "
-                                        f"{distance!r}")
-            clean[str(fpr)] = float(distance)
+        clean = clean_thresholds(thresholds)
         described = self._call("describing the collection", self._client.describe_collection, self.collection)
         info = {**_read_info(described, self.uri, self.collection), "thresholds": clean,
                 "threshold_source": str(source)}
@@ -533,20 +524,11 @@ class MilvusGallery:
                time_range: tuple[int | None, int | None] | None = None) -> SearchResult:
         """As :meth:`GalleryIndex.search <editor_reid.deploy.gallery.GalleryIndex.search>`, with
         every filter run by the server; ``k`` is at most 16384 (Milvus's limit)."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise GalleryIndexError(f"k must be a positive integer, got {k!r}")
+        q = check_queries(queries, k, self.dim, self.normalized, self.location)
         if k > MAX_K:
             raise GalleryIndexError(f"k is at most {MAX_K} on the milvus backend (Milvus's limit), got {k}")
-        q = np.asarray(queries.detach().cpu() if hasattr(queries, "detach") else queries)
-        q = _check_features(q[None] if q.ndim == 1 else q, "queries")
-        self._check_compatible(q.shape[1], None, "the queries are")
-        q = _prepare(q, self.normalized)
         nq = q.shape[0]
-        if isinstance(threshold, str):
-            if threshold not in self.thresholds:
-                known = ", ".join(self.thresholds) or "none; run calibrate"
-                raise GalleryIndexError(f"no threshold calibrated for FPR {threshold} (calibrated: {known})")
-            threshold = self.thresholds[threshold]
+        threshold = threshold_value(threshold, self.thresholds)
         cams = _check_query_camids(query_camids, nq, exclude_same_camera)
         base = check_filters(where, time_range, self._filter_columns())
         distances = np.full((nq, k), np.inf, dtype=np.float32)
