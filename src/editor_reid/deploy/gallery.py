@@ -233,6 +233,15 @@ def _metadata_of(ff: FeatureFile, rows: np.ndarray | None = None) -> dict[str, n
             **{path_key(m): ff.paths.get(m, np.full(len(ff), "")) for m in MODALITIES}}
 
 
+def unpack_features(features, metadata, fingerprint: str | None):
+    """(float [n, F] array, metadata, fingerprint) of what ``add`` is given: a FeatureFile brings
+    its columns and fingerprint unless others are given, an array brings neither."""
+    if isinstance(features, FeatureFile):
+        metadata = _metadata_of(features) if metadata is None else metadata
+        fingerprint = features.fingerprint if fingerprint is None else fingerprint
+    return _check_features(features), metadata, fingerprint
+
+
 def _check_features(x, name: str = "features") -> np.ndarray:
     if isinstance(x, FeatureFile):
         x = x.features
@@ -661,10 +670,7 @@ class GalleryIndex:
         (:func:`sample_keys`) the index does not hold yet, and returns the id of the held entry
         for the others: adding the same samples again changes nothing (the Milvus backend always
         works so)."""
-        if isinstance(features, FeatureFile):
-            metadata = _metadata_of(features) if metadata is None else metadata
-            fingerprint = features.fingerprint if fingerprint is None else fingerprint
-        x = _check_features(features)
+        x, metadata, fingerprint = unpack_features(features, metadata, fingerprint)
         self._check_compatible(x.shape[1], fingerprint)
         n = x.shape[0]
         prepared = _prepare(x, self.normalized)

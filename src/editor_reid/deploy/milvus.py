@@ -51,7 +51,7 @@ import numpy as np
 from editor_reid.deploy.gallery import (
     AUTO_FLAT_MAX, METRICS, GalleryIndexError, SearchResult, _check_features, _check_query_camids, _metadata_of,
     _now, _prepare, check_filters, check_queries, clean_thresholds, entry_columns, ivf_lists, select_rows,
-    threshold_value)
+    threshold_value, unpack_features)
 from editor_reid.features.store import FeatureFile, load_feature_file, path_key
 from editor_reid.modalities import MODALITIES, canonical_order
 
@@ -418,10 +418,7 @@ class MilvusGallery:
         ``skip_existing`` is accepted for the FAISS backend's signature (this backend always
         works so). Acknowledged writes are visible to every later search (Strong consistency)."""
         del skip_existing
-        if isinstance(features, FeatureFile):
-            metadata = _metadata_of(features) if metadata is None else metadata
-            fingerprint = features.fingerprint if fingerprint is None else fingerprint
-        x = _check_features(features)
+        x, metadata, fingerprint = unpack_features(features, metadata, fingerprint)
         self._check_compatible(x.shape[1], fingerprint)
         n = x.shape[0]
         prepared = _prepare(x, self.normalized)
