@@ -45,6 +45,7 @@ Examples::
     python benchmarks/bench_model.py --device cuda --amp bf16 --batch 32 --train-batch 16 --compile
     python benchmarks/bench_model.py --sizes 128x256 --json out.json
     python benchmarks/bench_model.py --sizes 128x256 --grad-checkpointing   # EDITOR with activation checkpointing
+    python benchmarks/bench_model.py --sizes 128x256 --no-lean-mlp          # EDITOR's MLPs keep GELU outputs
 
 Inputs (``--inputs``) are by default images of a synthetic dataset (``make_synthetic``: the
 RGBNT201 person layout for portrait sizes, RGBNT100 vehicles for landscape ones) through the real
@@ -124,6 +125,7 @@ def make_config(args, size: tuple[int, int]):
     overrides += [f"model.{k}={v}" for k, v in arch.items()]
     overrides.append(f"model.compile={'true' if args.compile else 'false'}")
     overrides.append(f"model.grad_checkpointing={'true' if args.grad_checkpointing else 'false'}")
+    overrides.append(f"model.lean_mlp={'false' if getattr(args, 'no_lean_mlp', False) else 'true'}")
     return load_config(None, overrides)
 
 
@@ -336,6 +338,8 @@ def peak_memory_cpu(args, variant: str, size) -> dict[str, int]:
         command.append("--tiny")
     if args.grad_checkpointing:
         command.append("--grad-checkpointing")
+    if args.no_lean_mlp:
+        command.append("--no-lean-mlp")
     for flag, value in (("--embed-dim", args.embed_dim), ("--depth", args.depth), ("--heads", args.heads)):
         if value:
             command += [flag, str(value)]
@@ -471,7 +475,7 @@ def render(report: dict) -> str:
         f"torch {m['torch']}, {m['torch_threads']} threads, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else "")
         + f"; allocator {cfg['allocator']}",
         f"model: {cfg['arch']}; inputs {cfg['inputs']}; amp {cfg['amp']}; compile {cfg['compile']}; "
-        f"grad checkpointing {cfg.get('grad_checkpointing', False)}; "
+        f"grad checkpointing {cfg.get('grad_checkpointing', False)}; lean MLP {cfg.get('lean_mlp', False)}; "
         f"large-matmul reference: {cfg['matmul']} (best of the run's rounds; at the start of the run "
         f"{report['matmul_peak_gflops']:.1f} GFLOP/s)",
     ]
@@ -534,6 +538,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true", help="model.compile=true (maybe_compile)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="model.grad_checkpointing=true for EDITOR (the bare backbone stays plain)")
+    parser.add_argument("--no-lean-mlp", action="store_true",
+                        help="model.lean_mlp=false for EDITOR: its MLPs keep their GELU outputs for the backward pass")
     parser.add_argument("--inputs", default="synthetic", choices=["synthetic", "random"],
                         help="synthetic dataset images through the test transform, or N(0, 1) noise")
     parser.add_argument("--repeats", type=int, default=5, help="timed inference rounds (minimum kept)")
@@ -566,7 +572,7 @@ def main(argv=None) -> int:
     report = {
         "machine": machine_info(args.device),
         "config": {"arch": arch, "amp": args.amp, "compile": args.compile,
-                   "grad_checkpointing": args.grad_checkpointing, "batch": args.batch,
+                   "grad_checkpointing": args.grad_checkpointing, "lean_mlp": not args.no_lean_mlp, "batch": args.batch,
                    "train_batch": args.train_batch, "repeats": args.repeats, "train_repeats": args.train_repeats, "inputs": args.inputs, "allocator": allocator, "matmul": f"{MATMUL_N}x{MATMUL_N} {str(dtype).replace('torch.', '')}"},
         "matmul_peak_gflops": peak / 1e9,
         "results": [],

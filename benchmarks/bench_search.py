@@ -62,7 +62,8 @@ from pathlib import Path
 
 import numpy as np
 
-from editor_reid.deploy.gallery import AUTO_FLAT_MAX, GalleryIndex, GalleryIndexError, default_params, resolve_kind
+from editor_reid.deploy.gallery import (
+    AUTO_FLAT_MAX, GalleryIndex, GalleryIndexError, SearchResult, default_params, resolve_kind)
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 KIND_ORDER = ("flat", "ivfpq", "hnsw")
@@ -120,7 +121,7 @@ def rss_anon_bytes() -> int:
 
 
 def measure(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k: int, workdir: Path,
-            params: dict | None) -> tuple[dict, np.ndarray]:
+            params: dict | None) -> tuple[dict, SearchResult]:
     rss0 = rss_anon_bytes()
     start = time.perf_counter()
     index = GalleryIndex.build(gallery, kind=kind, params=params)
@@ -146,7 +147,7 @@ def measure(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k:
 
 
 def measure_milvus(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k: int, uri: str, client,
-                   params: dict | None) -> tuple[dict, object]:
+                   params: dict | None) -> tuple[dict, SearchResult]:
     """As :func:`measure` for a collection of ``uri``; ``client`` reads what the server built."""
     from editor_reid.deploy.milvus import MilvusGallery
 
@@ -187,6 +188,10 @@ def recall_at(found: np.ndarray, exact: np.ndarray, k: int) -> float:
 def release_lite(uri: str) -> None:
     """Stop the in-process Milvus Lite server of ``uri`` so that nothing writes to its folder
     after the benchmark removes it (Milvus Lite would close it at exit)."""
+    from editor_reid.deploy.milvus import is_lite
+
+    if not is_lite(uri):
+        return
     try:
         from milvus_lite.server_manager import server_manager_instance
     except ImportError:

@@ -232,3 +232,44 @@ def test_bench_model_grad_checkpointing_flag(tmp_path):
     report, stdout = _run_bench_model(tmp_path, "--repeats", "1", "--train-repeats", "1", "--grad-checkpointing")
     assert report["config"]["grad_checkpointing"] is True
     assert "grad checkpointing True" in stdout
+
+
+def test_bench_search_reports_milvus_beside_faiss_on_the_same_vectors(tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("milvus_lite")
+    out = tmp_path / "search.json"
+    result = _run_script("bench_search.py", "--sizes", "2000", "--dim", "64", "--queries", "20", "--batch1", "3",
+                         "--hnsw-max", "1000", "--backend", "faiss,milvus", "--params", "ivf:nprobe=2",
+                         "--workdir", str(tmp_path), "--json", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["backends"] == ["faiss", "milvus"] and report["milvus"]["kinds"] == ["flat", "ivf", "hnsw"]
+    assert set(report["sizes"]["2000"]["kinds"]) == {"flat", "ivfpq", "hnsw"}  # the FAISS rows are unchanged
+    rows = report["sizes"]["2000"]["milvus"]["kinds"]
+    flat, ivf = rows["flat"], rows["ivf"]
+    assert flat["entries"] == flat["indexed_rows"] == 2000 and flat["server_index"]["index_type"] == "FLAT"
+    assert flat["recall_at_k"] == 1.0 and flat["same_rows"] == 1.0 and flat["same_top_k_sets"] == 1.0
+    assert 0 <= flat["max_abs_distance_diff"] < 1e-5
+    assert ivf["params"] == {"nlist": 32, "nprobe": 2} and ivf["server_index"]["index_type"] == "IVF_FLAT"
+    assert 0 < ivf["recall_at_k"] < 1  # nprobe 2 of at least 32 lists misses some of the exact top 10
+    for row in (flat, ivf):
+        assert math.isclose(row["build_s"], row["upsert_s"] + row["flush_s"])
+        for key in ("upsert_s", "flush_s", "batch1_ms_per_query", "batched_ms_per_query", "speedup_batch1",
+                    "speedup_batched"):
+            assert _positive(row[key]), key
+    assert "not built above --hnsw-max" in rows["hnsw"]["skipped"]
+    assert "same rows" in result.stdout and "the server describes: index_type IVF_FLAT" in result.stdout
+    assert list(tmp_path.iterdir()) == [out]  # the gallery and the Milvus Lite folder are removed
+
+
+def test_bench_search_skips_milvus_above_its_limit_and_refuses_bad_options(tmp_path):
+    result = _run_script("bench_search.py", "--sizes", "300", "--dim", "16", "--queries", "5", "--batch1", "1",
+                         "--backend", "milvus", "--milvus-max", "100", "--workdir", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("not built above --milvus-max 100 entries") >= 3
+    assert "  ivfpq:" not in result.stdout and "  flat:" in result.stdout  # milvus alone: FAISS runs only its exact reference
+    for args, message in ((["--backend", "faiss,milvs"], "--backend takes a comma-separated list"),
+                          (["--kinds", "flat,ivfq"], "--kinds: unknown kind 'ivfq'"),
+                          (["--backend", "milvus", "--milvus-uri", "gallery"], "--milvus-uri")):
+        bad = _run_script("bench_search.py", "--sizes", "100", "--dim", "8", *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -82,6 +82,12 @@ NOTES: dict[str, str] = {
         "input and is recomputed in the backward pass (the gradients are those of the plain model). "
         "Less memory per step, more time; see [Performance](performance.md#memory)."
     ),
+    "model.lean_mlp": (
+        "In training, every MLP (backbone and HMA, where it is fc1 -> exact GELU -> fc2 without dropout) keeps "
+        "its GELU input but not its output for the backward pass and recomputes the GELU there: the same "
+        "outputs and gradients (to float rounding), less memory per step; `false` runs the plain MLP. "
+        "See [Performance](performance.md#what-a-training-step-holds)."
+    ),
     "input.size_train": "Training input size in pixels; multiples of 16, equal to `input.size_test`.",
     "input.size_test": "Test input size [H, W]; must equal `input.size_train` (the patch grid is fixed when the model is built).",
     "input.prob": "Probability of the training horizontal flip.",

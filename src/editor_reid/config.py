@@ -102,6 +102,7 @@ class ModelConfig:
     sync_bn: bool = False  # convert the BatchNorm necks to SyncBatchNorm under DDP
     compile: bool = False  # torch.compile the model (CUDA)
     grad_checkpointing: bool = False  # recompute backbone and HMA blocks in the backward pass: less memory, more time
+    lean_mlp: bool = True  # MLPs keep their GELU input, not its output, for the backward pass (same gradients)
 
 
 @dataclass

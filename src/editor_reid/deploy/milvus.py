@@ -274,8 +274,10 @@ class MilvusGallery:
         index_params = client.prepare_index_params()
         build = {"nlist": p["nlist"]} if kind == "ivf" else (
             {"M": p["M"], "efConstruction": p["ef_construction"]} if kind == "hnsw" else {})
+        # The build parameters as flat keys (a Milvus server reads these) and as a JSON "params"
+        # entry too: Milvus Lite 3.2 reads only that, and builds with its defaults without it.
         index_params.add_index(field_name="vector", index_type=_INDEX_TYPES[kind],
-                               metric_type="IP" if normalize else "L2", params=build)
+                               metric_type="IP" if normalize else "L2", params={**build, "params": build} if build else {})
         info = {"format": FORMAT, "version": FORMAT_VERSION, "dim": int(dim), "metric": metric,
                 "normalized": normalize, "kind": kind, "params": p, "fingerprint": fingerprint,
                 "modalities": list(modalities), "thresholds": {}, "threshold_source": "", "created": _now()}

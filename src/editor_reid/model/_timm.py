@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from editor_reid.errors import EditorReidError
+from editor_reid.model._mlp import gelu_mlp
 
 __all__ = [
     "TESTED_TIMM",
@@ -38,6 +39,8 @@ __all__ = [
     "load_npz_weights",
     "qkv_layer",
     "run_blocks",
+    "mlp_forward",
+    "block_forward",
 ]
 
 TESTED_TIMM = "timm~=1.0.31"  # the range pinned in pyproject.toml
@@ -72,6 +75,12 @@ _BLOCK_ATTRIBUTES = (
     "drop_path1",
     "norm2",
     "mlp",
+    "mlp.fc1",
+    "mlp.act",
+    "mlp.drop1",
+    "mlp.norm",
+    "mlp.fc2",
+    "mlp.drop2",
     "ls2",
     "drop_path2",
 )
@@ -177,7 +186,33 @@ def finish_block(block: nn.Module, x: torch.Tensor, h: torch.Tensor, heads_out: 
     if attn.gate is not None:
         out = out * attn.gate(h).sigmoid()
     x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return x + block.drop_path2(block.ls2(mlp_forward(block.mlp, block.norm2(x))))
+
+
+def _lean_mlp_fits(mlp: nn.Module) -> bool:
+    """Whether timm's ``Mlp`` is fc1 -> exact GELU -> fc2 with nothing else acting (no dropout in
+    training, no hidden norm), which :func:`~editor_reid.model._mlp.gelu_mlp` computes."""
+    def inactive(drop: nn.Module) -> bool:
+        return isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and (drop.p == 0 or not drop.training))
+
+    return (type(mlp.act) is nn.GELU and mlp.act.approximate == "none" and isinstance(mlp.norm, nn.Identity)
+            and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
+            and inactive(mlp.drop1) and inactive(mlp.drop2))
+
+
+def mlp_forward(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``Mlp`` on x; with gradients and ``mlp.lean`` set (``model.lean_mlp``), through
+    :func:`~editor_reid.model._mlp.gelu_mlp` where the MLP is fc1 -> GELU -> fc2 (the same
+    output; less kept for the backward pass)."""
+    if getattr(mlp, "lean", False) and torch.is_grad_enabled() and _lean_mlp_fits(mlp):
+        return gelu_mlp(x, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    return mlp(x)
+
+
+def block_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``Block.forward`` (fused attention), with the MLP of :func:`mlp_forward`."""
+    x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    return x + block.drop_path2(block.ls2(mlp_forward(block.mlp, block.norm2(x))))
 
 
 def embed_tokens(vit: nn.Module, images: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,9 +233,9 @@ def run_blocks(vit: nn.Module, x: torch.Tensor, checkpoint: bool = False) -> tor
     replayed, so the gradients are those of the plain forward)."""
     for block in vit.blocks:
         if checkpoint and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(block_forward, block, x, use_reentrant=False)
         else:
-            x = block(x)
+            x = block_forward(block, x)
     return x
 
 

@@ -261,6 +261,9 @@ def build_model(cfg, num_classes: int, num_cameras: int, *, pretrained: bool = F
         hma_heads=m.hma_heads,
         al=m.al,
     )
+    for module in model.modules():
+        if hasattr(module, "fc1") and hasattr(module, "fc2"):  # timm's Mlp and HMA's MaskedMlp
+            module.lean = bool(m.lean_mlp)
     if m.grad_checkpointing:
         model.backbone.grad_checkpointing = True
         if model.hma is not None:

@@ -29,6 +29,8 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from editor_reid.model._mlp import gelu_mlp
+
 __all__ = ["HMA", "HMAOutput", "MaskedAttention", "MaskedBlock", "MaskedMlp", "gather_kept_tokens"]
 
 
@@ -106,8 +108,13 @@ class MaskedMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden, bias=False)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim, bias=False)
+        #: With gradients, keep fc1's output but not GELU's for the backward pass
+        #: (``model.lean_mlp``; :func:`editor_reid.model._mlp.gelu_mlp`): same output and gradients.
+        self.lean = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lean and torch.is_grad_enabled():
+            return gelu_mlp(x, self.fc1.weight, None, self.fc2.weight, None)
         return self.fc2(self.act(self.fc1(x)))
 
 
