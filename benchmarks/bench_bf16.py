@@ -13,10 +13,14 @@ For one input size (default ViT-B/16 at 256x128, CPU), with the weights of ``ben
 * the CPU's bf16 capability (``editor_reid.engine.acceleration.cpu_bf16_native``) and what
   ``amp: auto`` picks on it.
 
+``--weights CKPT`` measures a trained model instead (an editor-reid checkpoint, at its own input
+size; inference only), with the agreement and cosines over ``--batches`` batches.
+
 Example::
 
     python benchmarks/bench_bf16.py                    # ViT-B, 256x128, batch 8, CPU
     python benchmarks/bench_bf16.py --tiny --repeats 1 # smoke test
+    python benchmarks/bench_bf16.py --weights runs/demo/run/checkpoints/last.pt --batches 8
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed inference rounds (best kept)")
     parser.add_argument("--train-repeats", type=int, default=3, help="timed training rounds (best kept)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a trained editor-reid checkpoint instead of initial weights (inference only)")
+    parser.add_argument("--batches", type=int, default=1, help="batches the agreement and cosines are measured on")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     # bench_model's helpers read these attributes.
@@ -57,24 +64,36 @@ def main(argv=None) -> int:
     size = bm.parse_size(args.size)
 
     native, what = cpu_bf16_native()
-    _, model = bm.build(args, "editor", size, device)
-    model.eval()
-    images, cams, _ = bm.make_inputs(args.batch, size, device, seed=0, source="synthetic")
+    if args.weights is not None:
+        from editor_reid.features.extractor import FeatureExtractor
 
-    def forward(amp: str):
+        extractor = FeatureExtractor(args.weights, device="cpu")
+        model, size = extractor.model, tuple(extractor.cfg.input.size_test)
+        args.skip_train = True
+    else:
+        _, model = bm.build(args, "editor", size, device)
+    model.eval()
+    batches = [bm.make_inputs(args.batch, size, device, seed=seed, source="synthetic")[:2]
+               for seed in range(args.batches)]
+    images, cams = batches[0]
+
+    def forward(amp: str, images=images, cams=cams):
         with torch.inference_mode(), autocast_context(device, amp):
             out = model.forward_features(images, cams)
         return out.feature.float(), out.token_mask
 
-    (f32, m32), (f16, m16) = forward("none"), forward("bf16")
+    pairs = [(forward("none", *batch), forward("bf16", *batch)) for batch in batches]
+    f32, m32 = (torch.cat([p[0][i] for p in pairs]) for i in (0, 1))
+    f16, m16 = (torch.cat([p[1][i] for p in pairs]) for i in (0, 1))
     cosine = torch.nn.functional.cosine_similarity(f32, f16, dim=1)
     rounds = bm.time_rounds({"fp32": lambda: forward("none"), "bf16": lambda: forward("bf16")}, args.repeats, device)
     best = {k: min(v) for k, v in rounds.items()}
     result = {
         "machine": f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "bf16": f"{'native' if native else 'emulated'} ({what}); amp auto -> {resolve_amp('auto', device)}",
-        "model": "tiny ViT" if args.tiny else "ViT-B/16",
-        "size": args.size,
+        "model": str(args.weights) if args.weights else "tiny ViT" if args.tiny else "ViT-B/16",
+        "size": f"{size[0]}x{size[1]}",
+        "samples compared": len(f32),
         "inference batch": args.batch,
         "fp32 triplets/s": round(args.batch / best["fp32"], 2),
         "bf16 triplets/s": round(args.batch / best["bf16"], 2),

@@ -32,10 +32,9 @@ Milvus Lite builds its per-segment index then), so its build time is the two tog
 searches come after the flush. Recall@10 and the speed-ups are against the exact FAISS flat search
 (which always runs), and Milvus flat is checked against it: the share of (query, rank) slots that
 hold the same gallery row, and the largest difference of their distances. The index the server
-describes is printed beside the parameters asked for: Milvus Lite 3.2.2 reads build parameters
-only from a JSON ``params`` entry, which pymilvus 3.0.2 does not send, so it reports "no build
-parameters" and builds IVF_FLAT and HNSW with its own defaults (nlist 128; M 16, efConstruction
-200); the search parameters (nprobe, ef) do reach it.
+describes is printed beside the parameters asked for, so a server that built with other ones
+(its defaults) shows it: Milvus Lite 3.2.2 reads build parameters only from a JSON ``params``
+entry, which ``MilvusGallery.create`` sends beside the flat keys a Milvus server reads.
 
 Milvus is skipped above ``--milvus-max`` entries (default 50,000), and its HNSW above
 ``--hnsw-max`` as well: Milvus Lite is pure Python behind gRPC, in this process, and writing

@@ -595,3 +595,25 @@ def test_milvus_errors_are_one_line(milvus_uri, tmp_path, capsys):
     finally:
         client.drop_collection("plain")
         open_gallery("errs", backend="milvus", uri=milvus_uri).drop()
+
+
+@pytest.mark.parametrize("kind, params, built", [
+    ("ivf", {"nlist": 16, "nprobe": 4}, {"nlist": 16}),
+    ("hnsw", None, {"M": 32, "efConstruction": 40}),
+])
+def test_milvus_builds_the_index_with_the_parameters_asked_for(milvus_uri, kind, params, built):
+    """The server's own description of the index: Milvus Lite reads build parameters only from a
+    JSON "params" entry, and builds with its defaults (nlist 128; M 16) when they are not there."""
+    from editor_reid.deploy.milvus import MilvusGallery
+
+    gallery = MilvusGallery.build(_gaussian(300, 4), uri=milvus_uri, collection=f"t_params_{kind}", kind=kind,
+                                  params=params, overwrite=True)
+    try:
+        gallery.save()  # seals the segment: the index is built
+        described = gallery._client.describe_index(gallery.collection, "vector")
+        assert described["index_type"] == {"ivf": "IVF_FLAT", "hnsw": "HNSW"}[kind]
+        assert {k: int(v) for k, v in described["params"].items()} == built
+        assert gallery.info()["params"] == {**({"nlist": 16, "nprobe": 4} if kind == "ivf" else
+                                               {"M": 32, "ef_construction": 40, "ef_search": 64})}
+    finally:
+        gallery.drop()
