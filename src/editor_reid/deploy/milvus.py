@@ -480,16 +480,24 @@ class MilvusGallery:
         """Every entry's scalar fields, in key order. It reads the whole collection: for a large
         one, search with filters or use :meth:`metadata_of`."""
         keys = []
-        iterator = self._call("reading the collection", self._client.query_iterator, self.collection,
-                              batch_size=4096, filter="", output_fields=["key"])
+        # pymilvus's iterator first asks for a timestamp, which Milvus Lite does not implement (the
+        # iterator goes on without it); an in-process Lite server would log that with a traceback.
+        quiet = logging.getLogger("grpc._server")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
         try:
-            while True:
-                batch = self._call("reading the collection", iterator.next)
-                if not batch:
-                    break
-                keys += [int(row["key"]) for row in batch]
+            iterator = self._call("reading the collection", self._client.query_iterator, self.collection,
+                                  batch_size=4096, filter="", output_fields=["key"])
+            try:
+                while True:
+                    batch = self._call("reading the collection", iterator.next)
+                    if not batch:
+                        break
+                    keys += [int(row["key"]) for row in batch]
+            finally:
+                iterator.close()
         finally:
-            iterator.close()
+            quiet.setLevel(level)
         return self.metadata_of(np.sort(np.asarray(keys, dtype=np.int64)))
 
     def save(self, directory=None) -> str:
