@@ -81,8 +81,6 @@ MANIFEST = "manifest.json"
 # e.g. Unix seconds; a search can keep one time window).
 STANDARD_COLUMNS = {"pid": -1, "camid": -1, "sceneid": -1, "split": "", "row": -1, "key": -1, "timestamp": -1,
                     **{path_key(m): "" for m in MODALITIES}}
-#: The columns a search can filter on with ``where=`` beyond these: any integer or string column.
-FILTER_COLUMNS = ("pid", "camid", "sceneid", "split", "row", "key", "timestamp")
 _CHUNK = 65536  # rows normalised and added at a time: a 1M x 2304 gallery is never copied whole
 _EPS = 1e-12  # the norm floor of editor_reid.metrics.distance
 _JOURNAL_MAGIC = b"ERJ1"
@@ -541,6 +539,7 @@ class GalleryIndex:
         self._generation = 0
         self._journal_bytes = 0  # valid length of the journal; a torn tail beyond it is cut on the next add
         self._journal_entries = 0
+        self._key_ids: dict[int, int] | None = None  # sample key -> entry id, built when first needed
         self._lock = _ReadWriteLock()
         self._save_lock = threading.Lock()
         self._gpu = _gpu_replica(faiss_index, kind)  # searches run here when this FAISS build has GPUs
@@ -652,7 +651,11 @@ class GalleryIndex:
             if self._gpu is not None:
                 self._gpu.add(chunk)
         self._columns.append(columns, n)
-        return np.arange(first, first + n, dtype=np.int64)
+        ids = np.arange(first, first + n, dtype=np.int64)
+        if self._key_ids is not None:
+            for key, entry in zip(columns["key"].tolist(), ids.tolist()):
+                self._key_ids.setdefault(key, entry)
+        return ids
 
     def _columns_for(self, metadata, n: int, features, *, fingerprint: str | None = None) -> dict[str, np.ndarray]:
         return entry_columns(metadata, n, features, fingerprint=fingerprint or self.fingerprint,
@@ -683,7 +686,7 @@ class GalleryIndex:
             else:
                 keys = columns["key"]
                 ids = self._held_ids(keys)
-                unique, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+                _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
                 new = np.sort(first[ids[first] < 0])  # the first row of each key the index lacks
                 if new.size:
                     part = {name: value[new] for name, value in columns.items()}
@@ -695,16 +698,15 @@ class GalleryIndex:
         return ids
 
     def _held_ids(self, keys: np.ndarray) -> np.ndarray:
-        """The entry id holding each sample key, -1 where none does (the caller holds a lock)."""
-        ids = np.full(keys.size, -1, dtype=np.int64)
-        if not self.size:
-            return ids
-        held = self._columns.column("key")
-        order = np.argsort(held, kind="stable")
-        pos = np.searchsorted(held[order], keys).clip(max=len(held) - 1)
-        found = held[order][pos] == keys
-        ids[found] = order[pos[found]]
-        return ids
+        """The entry id holding each sample key, -1 where none does (the caller holds a lock). The
+        key -> id map is built on the first call and kept up to date by :meth:`_append`, so an add
+        of n entries costs O(n), not a pass over the whole index."""
+        if self._key_ids is None:
+            self._key_ids = {}
+            for entry, key in enumerate(self._columns.column("key").tolist() if self.size else []):
+                if key >= 0:
+                    self._key_ids.setdefault(key, entry)
+        return np.asarray([self._key_ids.get(key, -1) for key in keys.tolist()], dtype=np.int64)
 
     def existing_keys(self, keys) -> np.ndarray:
         """Which of ``keys`` (sample keys, :func:`sample_keys`) the index holds: bool [len(keys)]."""
