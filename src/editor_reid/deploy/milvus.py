@@ -172,6 +172,16 @@ def _file_lock(uri: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _call(uri: str, collection: str, what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a call to Milvus; its failure as one MilvusError line."""
+    try:
+        return fn(*args, **kwargs)
+    except GalleryIndexError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pymilvus's MilvusException, grpc's RpcError, ...
+        raise MilvusError(f"Milvus at {uri}, collection '{collection}': {what} failed ({_reason(exc)})") from None
+
+
 def _literal(value) -> str:
     """A value in a Milvus boolean expression: an integer, or a double-quoted escaped string."""
     return str(int(value)) if isinstance(value, (int, np.integer)) else json.dumps(str(value))
@@ -218,13 +228,7 @@ class MilvusGallery:
     # -- calls
 
     def _call(self, what: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except GalleryIndexError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - pymilvus's MilvusException, grpc's RpcError, ...
-            raise MilvusError(f"Milvus at {self.uri}, collection '{self.collection}': {what} failed "
-                              f"({_reason(exc)})") from None
+        return _call(self.uri, self.collection, what, fn, *args, **kwargs)
 
     def _server_version(self) -> str:
         try:
@@ -252,13 +256,11 @@ class MilvusGallery:
         kind = _resolve_kind(kind, size)
         p = {**milvus_params(kind, size), **(params or {})}
         client = connect(uri, token=token)
-        probe = cls.__new__(cls)
-        probe._client, probe.uri, probe.collection = client, str(uri), collection
-        if probe._call("looking up the collection", client.has_collection, collection):
+        if _call(uri, collection, "looking up the collection", client.has_collection, collection):
             if not overwrite:
                 raise MilvusError(f"Milvus at {uri} already has a collection '{collection}': pass --overwrite to "
                                   "replace it, or add to it with 'editor-reid index add'")
-            probe._call("dropping the old collection", client.drop_collection, collection)
+            _call(uri, collection, "dropping the old collection", client.drop_collection, collection)
         DataType = pymilvus.DataType
         schema = pymilvus.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True,
                                                      description="editor-reid gallery")
@@ -281,10 +283,10 @@ class MilvusGallery:
         info = {"format": FORMAT, "version": FORMAT_VERSION, "dim": int(dim), "metric": metric,
                 "normalized": normalize, "kind": kind, "params": p, "fingerprint": fingerprint,
                 "modalities": list(modalities), "thresholds": {}, "threshold_source": "", "created": _now()}
-        probe._call("creating the collection", client.create_collection, collection, schema=schema,
-                    index_params=index_params, consistency_level="Strong")
-        probe._call("storing the gallery's description", client.alter_collection_properties, collection,
-                    properties={PROPERTY: json.dumps(info)})
+        _call(uri, collection, "creating the collection", client.create_collection, collection, schema=schema,
+              index_params=index_params, consistency_level="Strong")
+        _call(uri, collection, "storing the gallery's description", client.alter_collection_properties, collection,
+              properties={PROPERTY: json.dumps(info)})
         return cls.open(uri, collection, token=token, client=client)
 
     @classmethod
@@ -293,15 +295,13 @@ class MilvusGallery:
         not an editor-reid gallery, or of another schema."""
         check_collection_name(collection)
         client = client or connect(uri, token=token)
-        probe = cls.__new__(cls)
-        probe._client, probe.uri, probe.collection = client, str(uri), collection
-        if not probe._call("looking up the collection", client.has_collection, collection):
+        if not _call(uri, collection, "looking up the collection", client.has_collection, collection):
             raise MilvusError(f"Milvus at {uri} has no collection '{collection}': build the gallery with "
                               "'editor-reid index build --backend milvus'")
-        described = probe._call("describing the collection", client.describe_collection, collection)
+        described = _call(uri, collection, "describing the collection", client.describe_collection, collection)
         info = _read_info(described, uri, collection)
         fields = _check_schema(described, info, uri, collection)
-        probe._call("loading the collection", client.load_collection, collection)
+        _call(uri, collection, "loading the collection", client.load_collection, collection)
         return cls(client, uri, collection, info, fields)
 
     load = open
@@ -314,9 +314,7 @@ class MilvusGallery:
         another width or model), else a new one as :meth:`create` makes it."""
         check_collection_name(collection)
         client = connect(uri, token=token)
-        probe = cls.__new__(cls)
-        probe._client, probe.uri, probe.collection = client, str(uri), collection
-        if probe._call("looking up the collection", client.has_collection, collection):
+        if _call(uri, collection, "looking up the collection", client.has_collection, collection):
             gallery = cls.open(uri, collection, client=client)
             gallery._check_compatible(dim, fingerprint, "the model gives")
             return gallery
