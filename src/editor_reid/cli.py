@@ -414,14 +414,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     from editor_reid.deploy import gallery
 
-    where = dict(backend=args.backend, uri=args.uri)
+    target = dict(backend=args.backend, uri=args.uri)
     if args.index_command == "build":
         gallery.run_index_build(args.features, args.out, kind=args.kind, metric=args.metric, splits=args.splits,
-                                overwrite=args.overwrite, **where)
+                                overwrite=args.overwrite, **target)
     elif args.index_command == "add":
-        gallery.run_index_add(args.index, args.features, splits=args.splits, compact=args.compact, **where)
+        gallery.run_index_add(args.index, args.features, splits=args.splits, compact=args.compact, **target)
     else:
-        print(json.dumps(gallery.gallery_info(args.index, **where), indent=2))
+        print(json.dumps(gallery.gallery_info(args.index, **target), indent=2))
     return 0
 
 

@@ -267,7 +267,10 @@ def _chunks(x: np.ndarray, normalize: bool):
         yield _prepare(x[start:start + _CHUNK], normalize, start)
 
 
-_KEY_MASK = (1 << 63) - 1
+def key_of(data: bytes) -> int:
+    """A sample key from what identifies the sample: 63 bits of its BLAKE2b digest (>= 0, so -1
+    stays free to mean "no entry")."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
 
 
 def sample_keys(columns: Mapping[str, np.ndarray], n: int, *, fingerprint: str = "", features=None,
@@ -288,8 +291,7 @@ def sample_keys(columns: Mapping[str, np.ndarray], n: int, *, fingerprint: str =
         if not parts:
             without_path.append(i)
             continue
-        text = "\0".join([fingerprint, str(splits[i]), *parts])
-        keys[i] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & _KEY_MASK
+        keys[i] = key_of("\0".join([fingerprint, str(splits[i]), *parts]).encode())
     if without_path:
         if features is None:
             raise GalleryIndexError("an entry without image paths is keyed by its feature vector; give the features")
@@ -300,8 +302,7 @@ def sample_keys(columns: Mapping[str, np.ndarray], n: int, *, fingerprint: str =
             vectors = _prepare(np.asarray(features[part]), normalize)
             for j, i in enumerate(part.tolist()):
                 head = "\0".join([fingerprint, str(splits[i]), *(str(label[i]) for label in labels)])
-                digest = hashlib.blake2b(head.encode() + b"\0" + vectors[j].tobytes(), digest_size=8).digest()
-                keys[i] = int.from_bytes(digest, "little") & _KEY_MASK
+                keys[i] = key_of(head.encode() + b"\0" + vectors[j].tobytes())
     return keys
 
 
@@ -1135,6 +1136,12 @@ def open_gallery(index: str | os.PathLike, *, backend: str | None = None, uri: s
 
         return MilvusGallery.open(uri, str(index))
     return GalleryIndex.load(index)
+
+
+def gallery_name(gallery, index: str | os.PathLike) -> str:
+    """What messages call the gallery opened from ``index``: the directory as given, or for a
+    Milvus collection "NAME at URI"."""
+    return f"{gallery.collection} at {gallery.uri}" if gallery.backend == "milvus" else str(index)
 
 
 def gallery_info(index: str | os.PathLike, *, backend: str | None = None, uri: str | None = None) -> dict:

@@ -90,12 +90,12 @@ def run_search(index: str | Path, out: str | Path | None, *, features: str | Pat
     (:func:`~editor_reid.deploy.gallery.check_filters`). Writes the result list (module
     docstring) to ``out`` unless None, prints a summary unless ``quiet``, and returns the list."""
     from editor_reid.deploy._inputs import load_or_extract
-    from editor_reid.deploy.gallery import GalleryIndexError, open_gallery
+    from editor_reid.deploy.gallery import GalleryIndexError, gallery_name, open_gallery
 
     if k < 1:
         raise UsageError(f"-k must be at least 1, got {k}")
     gallery = open_gallery(index, backend=backend, uri=uri)
-    index = f"{gallery.collection} at {gallery.uri}" if gallery.backend == "milvus" else index
+    index = gallery_name(gallery, index)
     limit = resolve_threshold(gallery, index, threshold=threshold, fpr=fpr, thresholds=thresholds)
     extract_splits = tuple(splits) if splits is not None else ("query",)
     ff, source = load_or_extract(features=features, weights=weights, config=config, dataset=dataset, root=root,

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from editor_reid.data.dataset import BadImageError, to_rgb
+from editor_reid.deploy.gallery import key_of
 from editor_reid.errors import EditorReidError, UsageError
 from editor_reid.features.store import path_key
 from editor_reid.modalities import MODALITIES, canonical_order
@@ -321,8 +322,7 @@ class _Worker:
 
 def _upload_key(fingerprint: str, pid: int, camid: int, digest: str) -> int:
     """The sample key of an uploaded sample: its model, identity, camera and image bytes."""
-    text = f"{fingerprint}\0upload\0{pid}\0{camid}\0{digest}"
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+    return key_of(f"{fingerprint}\0upload\0{pid}\0{camid}\0{digest}".encode())
 
 
 def _as_service_error(exc: BaseException, writing: bool = False) -> BaseException:
@@ -652,7 +652,7 @@ def run_server(index_dir, *, weights=None, config=None, onnx=None, device: str =
     that they fit, and serve until SIGINT / SIGTERM. Port 0 picks a free port; the line
     ``serving http://HOST:PORT ...`` on stdout says which, once requests are taken."""
     serve = _import_serve()
-    from editor_reid.deploy.gallery import check_backend, open_gallery
+    from editor_reid.deploy.gallery import check_backend, gallery_name, open_gallery
     from editor_reid.features.extractor import FeatureExtractor
 
     if (weights is None) == (onnx is None):
@@ -660,8 +660,7 @@ def run_server(index_dir, *, weights=None, config=None, onnx=None, device: str =
     settings = settings or ServiceSettings()
     backend = check_backend(backend, uri)
     index = open_gallery(index_dir, backend=backend, uri=uri)
-    if index.backend == "milvus":
-        index_dir = f"{index.collection} at {index.uri}"
+    index_dir = gallery_name(index, index_dir)
     # One model call per batch: the extractor's own batches are as large as ours.
     if onnx is not None:
         extractor = FeatureExtractor.from_onnx(onnx, device=device, batch_size=settings.max_batch)

@@ -409,11 +409,10 @@ def run_calibrate(*, fprs: Sequence[float] = DEFAULT_FPRS, metric: str | None = 
     fprs = parse_fprs(fprs)
     gallery = None
     if index is not None:
-        from editor_reid.deploy.gallery import open_gallery
+        from editor_reid.deploy.gallery import gallery_name, open_gallery
 
         gallery = open_gallery(index, backend=backend, uri=uri)
-        if gallery.backend == "milvus":
-            index = f"{gallery.collection} at {gallery.uri}"
+        index = gallery_name(gallery, index)
         if metric is None:
             metric = gallery.metric
     metric = metric or "euclidean"
