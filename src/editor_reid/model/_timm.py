@@ -75,12 +75,6 @@ _BLOCK_ATTRIBUTES = (
     "drop_path1",
     "norm2",
     "mlp",
-    "mlp.fc1",
-    "mlp.act",
-    "mlp.drop1",
-    "mlp.norm",
-    "mlp.fc2",
-    "mlp.drop2",
     "ls2",
     "drop_path2",
 )
@@ -195,6 +189,8 @@ def _lean_mlp_fits(mlp: nn.Module) -> bool:
     def inactive(drop: nn.Module) -> bool:
         return isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and (drop.p == 0 or not drop.training))
 
+    if not all(hasattr(mlp, name) for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2")):
+        return False  # another MLP (timm's GluMlp, SwiGLU, ...): run as it is
     return (type(mlp.act) is nn.GELU and mlp.act.approximate == "none" and isinstance(mlp.norm, nn.Identity)
             and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear)
             and inactive(mlp.drop1) and inactive(mlp.drop2))
