@@ -131,7 +131,18 @@ def measure(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k:
     save_s = time.perf_counter() - start
     index_bytes = sum(p.stat().st_size for p in index_dir.iterdir())
     shutil.rmtree(index_dir)
-    index.search(queries[:1], k)  # warm-up: first-touch of the code and the memory
+    batch1_ms, batched_ms, result = time_searches(index, queries, batch1, k)
+    row = {"kind": kind, "params": index.params, "build_s": build_s, "save_s": save_s, "index_bytes": index_bytes,
+           "rss_delta_bytes": rss_delta, "batch1_ms_per_query": batch1_ms, "batched_ms_per_query": batched_ms}
+    del index
+    return row, result
+
+
+def time_searches(index, queries: np.ndarray, batch1: int, k: int) -> tuple[float, float, SearchResult]:
+    """(ms per query one at a time over the first ``batch1`` queries, ms per query of one batched
+    search of them all, that search's result), after one warm-up search (first touch of the code
+    and the memory). Either backend."""
+    index.search(queries[:1], k)
     start = time.perf_counter()
     for i in range(batch1):
         index.search(queries[i:i + 1], k)
@@ -139,10 +150,7 @@ def measure(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k:
     start = time.perf_counter()
     result = index.search(queries, k)
     batched_ms = (time.perf_counter() - start) / len(queries) * 1e3
-    row = {"kind": kind, "params": index.params, "build_s": build_s, "save_s": save_s, "index_bytes": index_bytes,
-           "rss_delta_bytes": rss_delta, "batch1_ms_per_query": batch1_ms, "batched_ms_per_query": batched_ms}
-    del index
-    return row, result
+    return batch1_ms, batched_ms, result
 
 
 def measure_milvus(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: int, k: int, uri: str, client,
@@ -159,14 +167,7 @@ def measure_milvus(kind: str, gallery: np.ndarray, queries: np.ndarray, batch1: 
         index.save()
         flush_s = time.perf_counter() - start
         described = client.describe_index(collection, "vector")
-        index.search(queries[:1], k)
-        start = time.perf_counter()
-        for i in range(batch1):
-            index.search(queries[i:i + 1], k)
-        batch1_ms = (time.perf_counter() - start) / batch1 * 1e3
-        start = time.perf_counter()
-        result = index.search(queries, k)
-        batched_ms = (time.perf_counter() - start) / len(queries) * 1e3
+        batch1_ms, batched_ms, result = time_searches(index, queries, batch1, k)
         entries = index.size
     finally:
         index.drop()
